@@ -1,0 +1,155 @@
+"""KV-cached greedy decoding: `prefill` + `decode_step`, and `greedy` running both in one jitted loop.
+
+Follows big_vision's `gemma_bv.prefill_cache` / `extend_cache` semantics without its roll to right
+alignment: prompts are right-padded ([bos] prefix "\\n" then padding, `mask_input` 0 on padding) and
+each row keeps its own positions, `cumsum(mask_input) - 1` over [image; prompt], so valid tokens are
+numbered contiguously from 0 and generated token t of a row sits at position len(row) + t.
+
+Cache (a plain dict, donated by `decode_step`):
+  k, v   [L, B, S, K, H]  keys (after RoPE) and values; slots 0..N-1 hold the prompt, later slots
+                          the generated tokens, written at the same slot for the whole batch
+  valid  [B, S] bool      which slots a new token may attend (padding and unwritten slots are False)
+  pos    [B] int32        position of the next token of each row
+  idx    [] int32         the next slot to write
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pgjax import gemma, paligemma
+from pgjax.config import PaliGemmaConfig
+
+
+def _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, *, cfg: PaliGemmaConfig,
+             cache_size: int, cache_dtype):
+  x_BND, _ = paligemma.embed_image_and_text(params, image_BHWC, prompt_BT, cfg=cfg)
+  B, N, _ = x_BND.shape
+  if mask_ar_BT is None:
+    mask_ar_BT = jnp.zeros(prompt_BT.shape, jnp.int32)
+  mask_ar_BN, mask_input_BN = paligemma.full_masks(mask_ar_BT, mask_input_BT, N - prompt_BT.shape[1])
+  mask_BNN = paligemma.make_attn_mask(mask_input_BN, mask_ar_BN)
+  positions_BN = jnp.cumsum(mask_input_BN, axis=1) - 1
+  pre_logits_BND, aux = gemma.forward(params["llm"], x_BND, positions_BN, mask_BNN, cfg=cfg.llm,
+                                      kv_dtype=cache_dtype, return_kv=True)
+  # The next token is predicted at the last valid prompt position.
+  last_B = N - 1 - jnp.argmax(mask_input_BN[:, ::-1], axis=1)
+  logits_BV = gemma.logits(params["llm"], pre_logits_BND[jnp.arange(B), last_B][:, None], cfg=cfg.llm)[:, 0]
+  pad = ((0, 0), (0, 0), (0, cache_size - N), (0, 0), (0, 0))
+  k_LBNKH, v_LBNKH = aux["kv"]
+  cache = {
+      "k": jnp.pad(k_LBNKH, pad), "v": jnp.pad(v_LBNKH, pad),
+      "valid": jnp.pad(mask_input_BN, ((0, 0), (0, cache_size - N))),
+      "pos": jnp.sum(mask_input_BN, axis=1, dtype=jnp.int32),
+      "idx": jnp.asarray(N, jnp.int32),
+  }
+  return logits_BV, cache
+
+
+def _decode_step(params, tokens_B, cache, *, cfg: PaliGemmaConfig):
+  x_B1D = gemma.embed(params["llm"], tokens_B[:, None], cfg=cfg.llm)
+  pre_logits_B1D, (k_LB1KH, v_LB1KH) = gemma.forward_cached(
+      params["llm"], x_B1D, cache["pos"][:, None], cache["k"], cache["v"], cache["valid"], cfg=cfg.llm)
+  idx = cache["idx"]
+  B = tokens_B.shape[0]
+  cache = {
+      "k": jax.lax.dynamic_update_slice(cache["k"], k_LB1KH, (0, 0, idx, 0, 0)),
+      "v": jax.lax.dynamic_update_slice(cache["v"], v_LB1KH, (0, 0, idx, 0, 0)),
+      "valid": jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((B, 1), bool), (0, idx)),
+      "pos": cache["pos"] + 1,
+      "idx": idx + 1,
+  }
+  return gemma.logits(params["llm"], pre_logits_B1D, cfg=cfg.llm)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_size", "cache_dtype"))
+def prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT=None, *, cfg: PaliGemmaConfig,
+            cache_size: int, cache_dtype=jnp.float32):
+  """Runs [image; prompt] once and fills the cache. Returns (logits_BV of the next token, cache).
+
+  cache_size counts slots for the image, the prompt and every token to be fed by `decode_step`.
+  `mask_ar_BT` defaults to zeros: the whole prompt is one bidirectional block with the image.
+  """
+  N = cfg.num_image_tokens + prompt_BT.shape[1]
+  if cache_size < N:
+    raise ValueError(f"cache_size {cache_size} is smaller than the {N} image and prompt tokens")
+  return _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, cfg=cfg, cache_size=cache_size,
+                  cache_dtype=jnp.dtype(cache_dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_step(params, tokens_B, cache, *, cfg: PaliGemmaConfig):
+  """Feeds one token per row. Returns (logits_BV of the next token, cache). The cache is donated.
+
+  The caller must not feed more tokens than the cache has free slots (XLA would clamp the write).
+  """
+  return _decode_step(params, tokens_B, cache, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "cache_dtype", "return_logits"))
+def _greedy(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, *, cfg, max_new_tokens,
+            eos_id, cache_dtype, return_logits):
+  B, M = prompt_BT.shape[0], max_new_tokens
+  N = cfg.num_image_tokens + prompt_BT.shape[1]
+  logits_BV, cache = _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, cfg=cfg,
+                              cache_size=N + M - 1, cache_dtype=cache_dtype)
+  V = logits_BV.shape[-1]
+  is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
+
+  def record(t, tok_B, logits_BV, tokens_BM, logits_BMV, done_B):
+    tokens_BM = tokens_BM.at[:, t].set(tok_B)
+    if return_logits:
+      logits_BMV = logits_BMV.at[:, t].set(logits_BV)
+    return tokens_BM, logits_BMV, done_B | is_eos(tok_B)
+
+  tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BMV = jnp.zeros((B, M, V) if return_logits else (B, 0, V), jnp.float32)
+  state = (1, tok_B, *record(0, tok_B, logits_BV, jnp.zeros((B, M), jnp.int32), logits_BMV, ~valid_B), cache)
+
+  def cond(state):
+    t, _, _, _, done_B, _ = state
+    return (t < M) & ~jnp.all(done_B)
+
+  def body(state):
+    t, tok_B, tokens_BM, logits_BMV, done_B, cache = state
+    logits_BV, cache = _decode_step(params, tok_B, cache, cfg=cfg)
+    tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return (t + 1, tok_B, *record(t, tok_B, logits_BV, tokens_BM, logits_BMV, done_B), cache)
+
+  steps, _, tokens_BM, logits_BMV, _, _ = jax.lax.while_loop(cond, body, state)
+  # Cut each row after its first eos; slots past the early stop stay zero.
+  eos_BM = is_eos(tokens_BM)
+  keep_BM = ((jnp.cumsum(eos_BM, axis=1) - eos_BM) == 0) & (jnp.arange(M) < steps) & valid_B[:, None]
+  tokens_BM = jnp.where(keep_BM, tokens_BM, 0)
+  if return_logits:
+    logits_BMV = jnp.where(keep_BM[..., None], logits_BMV, 0.0)
+  info = {"num_tokens": keep_BM.sum(1), "hit_eos": (eos_BM & keep_BM).any(1), "steps": steps}
+  return tokens_BM, logits_BMV, info
+
+
+def greedy(params, image_BHWC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, max_new_tokens: int,
+           eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=jnp.float32,
+           return_logits: bool = True, return_info: bool = False):
+  """Greedy decoding of up to `max_new_tokens` per row, in one jitted `while_loop`.
+
+  Stops early once every valid row has produced `eos_id` (None: never). Returns tokens [B, M] (zero
+  after each row's first eos, which is kept) and the logits each token was chosen from [B, M, V]
+  (zero where the token is). With return_info, also a dict: num_tokens [B] (eos included), hit_eos [B]
+  (False: the row ran out of tokens), steps (decode steps run). `valid_B` marks batch rows that are
+  padding (False); they never delay the early stop and come back as zeros. cache_dtype bfloat16
+  halves the cache; float32 (default) matches a teacher-forced forward to float32 precision.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
+  if valid_B is None:
+    valid_B = jnp.ones(prompt_BT.shape[:1], bool)
+  tokens, logits, info = _greedy(params, image_BHWC, prompt_BT, jnp.asarray(prompt_mask_input_BT, bool),
+                                 None if prompt_mask_ar_BT is None else jnp.asarray(prompt_mask_ar_BT, jnp.int32),
+                                 jnp.asarray(valid_B, bool), cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                 cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits)
+  out = (tokens, logits if return_logits else None)
+  return (*out, info) if return_info else out

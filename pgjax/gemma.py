@@ -1,0 +1,146 @@
+"""Gemma 1/2 decoder over params["llm"], keyed as big_vision's `models/ppp/gemma.py` with scan=True.
+
+Axis legend as in layers.py: B batch, T query positions, S key positions, N query heads, K kv heads,
+G = N/K, H head dim, D width, F MLP hidden, V vocab, L layers.
+
+Semantics (big_vision): text embeddings scaled by sqrt(D) in the table's dtype; residual stream and
+norms in float32; pre-norm blocks with RMSNorm (1 + scale); Gemma 2 adds post-attention/post-FFW norms
+and an attention-logit soft cap applied before masking; RoPE over halves; queries scaled after RoPE;
+GeGLU MLP with tanh GELU; logits through the tied embedding table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pgjax import layers
+from pgjax.config import GemmaConfig
+
+
+def init(key, cfg: GemmaConfig) -> dict:
+  """Random params in the checkpoint layout (fan-in scaled normals, zero norm scales as in big_vision)."""
+  L, D, N, K, H, F = cfg.depth, cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  ks = iter(jax.random.split(key, 8))
+
+  def dense(shape, fan_in):
+    return jax.random.normal(next(ks), shape, jnp.float32) * fan_in ** -0.5
+
+  if K == N:  # MHA checkpoints fuse q, k and v
+    attn = {"qkv_einsum": {"w": dense((L, 3, N, D, H), D)}}
+  else:
+    attn = {"q_einsum": {"w": dense((L, N, D, H), D)}, "kv_einsum": {"w": dense((L, 2, K, D, H), D)}}
+  attn["attn_vec_einsum"] = {"w": dense((L, N, H, D), N * H)}
+  norms = ["pre_attention_norm", "pre_ffw_norm"] + (["post_attention_norm", "post_ffw_norm"] if cfg.post_norms else [])
+  return {
+      "embedder": {"input_embedding": dense((cfg.vocab_size, D), D)},
+      "final_norm": {"scale": jnp.zeros((D,), jnp.float32)},
+      "layers": {
+          "attn": attn,
+          "mlp": {"gating_einsum": dense((L, 2, D, F), D), "linear": dense((L, F, D), F)},
+          **{n: {"scale": jnp.zeros((L, D), jnp.float32)} for n in norms},
+      },
+  }
+
+
+def embed(params: dict, tokens_BT, *, cfg: GemmaConfig):
+  """Token embeddings times sqrt(D); the multiplier is cast to the table's dtype first, as in the reference."""
+  table_VD = params["embedder"]["input_embedding"]
+  x_BTD = table_VD[tokens_BT] * jnp.asarray(cfg.width ** 0.5, table_VD.dtype)
+  return x_BTD.astype(jnp.float32)
+
+
+def logits(params: dict, x_BTD, *, cfg: GemmaConfig):
+  """Tied output head in float32, with Gemma 2's final soft cap when configured."""
+  table_VD = params["embedder"]["input_embedding"]
+  logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, table_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+  return layers.softcap(logits_BTV, cfg.final_logits_softcap)
+
+
+def _qkv(h_BTD, attn: dict, positions_BT, cfg: GemmaConfig, kv_dtype):
+  dt = h_BTD.dtype
+  if "qkv_einsum" in attn:
+    q_BTNH, k_BTKH, v_BTKH = jnp.einsum("BTD,CNDH->CBTNH", h_BTD, attn["qkv_einsum"]["w"].astype(dt))
+  else:
+    q_BTNH = jnp.einsum("BTD,NDH->BTNH", h_BTD, attn["q_einsum"]["w"].astype(dt))
+    k_BTKH, v_BTKH = jnp.einsum("BTD,CKDH->CBTKH", h_BTD, attn["kv_einsum"]["w"].astype(dt))
+  q_BTNH = layers.apply_rope(q_BTNH, positions_BT, cfg.rope_max_wavelength) * jnp.asarray(cfg.query_scale, dt)
+  k_BTKH = layers.apply_rope(k_BTKH, positions_BT, cfg.rope_max_wavelength)
+  if kv_dtype is not None:  # what a KV cache of this dtype would hold; the prompt's own attention sees the same
+    k_BTKH, v_BTKH = k_BTKH.astype(kv_dtype), v_BTKH.astype(kv_dtype)
+  return q_BTNH, k_BTKH, v_BTKH
+
+
+def _mlp(h_BTD, mlp: dict):
+  dt = h_BTD.dtype
+  gate_BTF, up_BTF = jnp.einsum("BTD,CDF->CBTF", h_BTD, mlp["gating_einsum"].astype(dt))
+  return jnp.einsum("BTF,FD->BTD", layers.gelu(gate_BTF) * up_BTF, mlp["linear"].astype(dt))
+
+
+def _residual_block(x_BTD, p: dict, attend, cfg: GemmaConfig):
+  """The pre-norm block around an attention function `attend(h_BTD) -> (out_BTD, extra)`."""
+  a_BTD, extra = attend(layers.rms_norm(x_BTD, p["pre_attention_norm"]["scale"]))
+  if cfg.post_norms:
+    a_BTD = layers.rms_norm(a_BTD, p["post_attention_norm"]["scale"])
+  x_BTD = x_BTD + a_BTD
+  f_BTD = _mlp(layers.rms_norm(x_BTD, p["pre_ffw_norm"]["scale"]), p["mlp"])
+  if cfg.post_norms:
+    f_BTD = layers.rms_norm(f_BTD, p["post_ffw_norm"]["scale"])
+  return x_BTD + f_BTD, extra
+
+
+def _out_proj(enc_BTNH, attn: dict):
+  return jnp.einsum("BTNH,NHD->BTD", enc_BTNH, attn["attn_vec_einsum"]["w"].astype(enc_BTNH.dtype))
+
+
+def forward(params: dict, x_BTD, positions_BT, mask_BTS, *, cfg: GemmaConfig, remat: str = "none",
+            kv_dtype=None, return_kv: bool = False, return_attn: bool = False):
+  """Runs the stack on embedded inputs. Returns (pre_logits_BTD, aux).
+
+  aux may hold "kv": (k_LBTKH, v_LBTKH) for filling a cache (return_kv) and "attn": the attention
+  probabilities (L, B, K, G, T, S) (return_attn).
+  """
+
+  def block(x_BTD, p):
+    def attend(h_BTD):
+      q_BTNH, k_BTKH, v_BTKH = _qkv(h_BTD, p["attn"], positions_BT, cfg, kv_dtype)
+      enc_BTNH, probs = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cap=cfg.attn_logits_softcap)
+      enc_BTNH = enc_BTNH.astype(x_BTD.dtype)
+      ys = ((k_BTKH, v_BTKH) if return_kv else None, probs if return_attn else None)
+      return _out_proj(enc_BTNH, p["attn"]), ys
+    return _residual_block(x_BTD, p, attend, cfg)
+
+  x_BTD, (kv, probs) = layers.scan_layers(block, x_BTD, params["layers"], remat=remat)
+  aux = {}
+  if return_kv:
+    aux["kv"] = kv
+  if return_attn:
+    aux["attn"] = probs
+  return layers.rms_norm(x_BTD, params["final_norm"]["scale"]), aux
+
+
+def forward_cached(params: dict, x_BTD, positions_BT, k_LBSKH, v_LBSKH, valid_BS, *, cfg: GemmaConfig):
+  """Runs new tokens against a KV cache. Returns (pre_logits_BTD, (k_LBTKH, v_LBTKH)) for the new tokens.
+
+  Each new token sees the valid cache slots, and itself and the new tokens before it (causal). The
+  caller writes the returned k/v into the cache, so the cache is only read here (no per-layer copy).
+  """
+  T = x_BTD.shape[1]
+  causal_TT = jnp.tri(T, dtype=bool)
+
+  def block(x_BTD, p, k_BSKH, v_BSKH):
+    def attend(h_BTD):
+      q_BTNH, k_BTKH, v_BTKH = _qkv(h_BTD, p["attn"], positions_BT, cfg, k_BSKH.dtype)
+      cap = cfg.attn_logits_softcap
+      old_BKGTS = layers.attention_logits(q_BTNH, k_BSKH, cap=cap)
+      old_BKGTS = jnp.where(valid_BS[:, None, None, None, :], old_BKGTS, layers.MASK_VALUE)
+      new_BKGTT = jnp.where(causal_TT, layers.attention_logits(q_BTNH, k_BTKH, cap=cap), layers.MASK_VALUE)
+      probs = jax.nn.softmax(jnp.concatenate([old_BKGTS, new_BKGTT], axis=-1), axis=-1)
+      S = k_BSKH.shape[1]
+      enc_BTNH = (layers.attention_combine(probs[..., :S], v_BSKH).astype(x_BTD.dtype)
+                  + layers.attention_combine(probs[..., S:], v_BTKH).astype(x_BTD.dtype))
+      return _out_proj(enc_BTNH, p["attn"]), (k_BTKH, v_BTKH)
+    return _residual_block(x_BTD, p, attend, cfg)
+
+  x_BTD, kv = layers.scan_layers(block, x_BTD, params["layers"], k_BSKH=k_LBSKH, v_BSKH=v_LBSKH)
+  return layers.rms_norm(x_BTD, params["final_norm"]["scale"]), kv

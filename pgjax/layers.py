@@ -1,0 +1,102 @@
+"""Pure ops shared by both towers.
+
+Axis legend (one meaning per letter, used in names and einsums across pgjax):
+  B batch, T query positions, S key/value positions, N query heads, K kv heads, G = N/K query heads per
+  kv head, H head dim, D width, F MLP hidden, V vocab, L layers, P image patches.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# big_vision fills masked attention logits with this finite value rather than -inf, so a fully masked
+# row (a padding query) gives a uniform distribution instead of NaN.
+MASK_VALUE = -2.3819763e38
+
+
+def layer_norm(x, scale, bias, eps: float = 1e-6):
+  """flax.linen.LayerNorm defaults, statistics in float32, result in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm(x, scale, eps: float = 1e-6):
+  """Gemma's RMSNorm: the checkpoint stores `scale`, the op multiplies by (1 + scale)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+  return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def gelu(x):
+  """Both towers use the tanh approximation."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def softcap(x, cap: float):
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
+def apply_rope(x_BTNH, positions_BT, max_wavelength: float = 10_000.0):
+  """Rotary embedding over halves of the head vector (not interleaved pairs), as Gemma does."""
+  H = x_BTNH.shape[-1]
+  inv_timescale = max_wavelength ** (-2.0 * jnp.arange(H // 2, dtype=jnp.float32) / H)
+  angle_BTH = positions_BT[..., None].astype(jnp.float32) * inv_timescale
+  sin, cos = jnp.sin(angle_BTH)[:, :, None, :], jnp.cos(angle_BTH)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def attention_logits(q_BTNH, k_BSKH, *, cap: float = 0.0):
+  """Grouped-query attention logits in float32, soft-capped (before masking, as the reference does).
+
+  Query head n reads kv head n // G: big_vision groups query heads as (K G) with K outer.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  return softcap(logits_BKGTS, cap)
+
+
+def attention_combine(probs_BKGTS, v_BSKH):
+  """Weighted sum of values for grouped heads; returns (B, T, N, H) in v's dtype."""
+  B, K, G, T, _ = probs_BKGTS.shape
+  enc_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+  return enc_BTKGH.reshape(B, T, K * G, v_BSKH.shape[-1])
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, cap: float = 0.0):
+  """Scaled-elsewhere dot-product attention. Returns (out_BTNH, probs_BKGTS)."""
+  logits_BKGTS = attention_logits(q_BTNH, k_BSKH, cap=cap)
+  if mask_BTS is not None:
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, MASK_VALUE)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+  return attention_combine(probs_BKGTS, v_BSKH), probs_BKGTS
+
+
+def remat_policy(name: str):
+  """Maps PaliGemmaConfig.remat to a jax.checkpoint policy (None = no remat)."""
+  return {"none": None,
+          "full": jax.checkpoint_policies.nothing_saveable,
+          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def scan_layers(block_fn, x, layers, *, remat: str = "none", **xs):
+  """Runs `block_fn(x, layer_params, **per_layer) -> (x, ys)` over params stacked on a leading axis.
+
+  One traced block regardless of depth (constant compile time); `xs` are further per-layer inputs
+  (e.g. a layer's KV cache), stacked on the same leading axis.
+  """
+  policy = remat_policy(remat)
+  if policy is not None:
+    block_fn = jax.checkpoint(block_fn, policy=policy, prevent_cse=False)
+
+  def body(carry, inputs):
+    layer, extra = inputs
+    return block_fn(carry, layer, **extra)
+
+  return jax.lax.scan(body, x, (layers, xs))
