@@ -1,0 +1,49 @@
+"""Shared test fixtures: random params with every leaf non-trivial, and small prefix-LM batches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgjax import paligemma
+
+
+def random_params(cfg, seed=0):
+  """paligemma.init, with norm scales, biases and the (zero-initialised) image head made random too,
+  so that a wrong norm offset or a dropped bias cannot hide behind a zero."""
+  params = jax.jit(paligemma.init, static_argnums=1)(jax.random.key(seed), cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  out = []
+  for (path, leaf), k in zip(leaves, keys):
+    name = "/".join(p.key for p in path)
+    if name == "img/head/kernel":
+      leaf = jax.random.normal(k, leaf.shape) * leaf.shape[0] ** -0.5
+    elif name.endswith(("scale", "bias")):
+      leaf = leaf + 0.2 * jax.random.normal(k, leaf.shape)
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def prefix_lm_batch(cfg, lengths, seq_len, seed=0):
+  """A right-padded training batch laid out as big_vision builds it.
+
+  lengths: (prefix_len, suffix_len) per row, prefix_len counting bos and "\\n", suffix_len the eos.
+  Padding: text 0, mask_ar 1, mask_loss 0, mask_input 0.
+  """
+  rng = np.random.default_rng(seed)
+  B = len(lengths)
+  text = np.zeros((B, seq_len), np.int32)
+  mask_ar = np.ones((B, seq_len), np.int32)
+  mask_loss = np.zeros((B, seq_len), np.int32)
+  mask_input = np.zeros((B, seq_len), np.int32)
+  for b, (np_, ns) in enumerate(lengths):
+    assert np_ + ns <= seq_len
+    text[b, :np_ + ns] = rng.integers(3, cfg.llm.vocab_size, np_ + ns)
+    text[b, 0] = 2  # bos
+    text[b, np_ + ns - 1] = 1  # eos
+    mask_ar[b, :np_] = 0
+    mask_loss[b, np_:np_ + ns] = 1
+    mask_input[b, :np_ + ns] = 1
+  s = cfg.vision.image_size
+  image = rng.uniform(-1, 1, (B, s, s, 3)).astype(np.float32)
+  return dict(image=image, text=text, mask_ar=mask_ar, mask_loss=mask_loss, mask_input=mask_input)

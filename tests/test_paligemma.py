@@ -1,0 +1,128 @@
+"""Semantics of the PaliGemma forward: the prefix-LM mask, what each position can see, dtypes, jit."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import prefix_lm_batch, random_params
+from pgjax import config, paligemma
+
+T, F = True, False
+
+
+@pytest.mark.parametrize("mask_ar, mask_input, expected", [
+    # All ones: plain causal attention.
+    ([1, 1, 1, 1], [1, 1, 1, 1], [[T, F, F, F], [T, T, F, F], [T, T, T, F], [T, T, T, T]]),
+    # Prefix-LM: the first three see each other; the rest are causal.
+    ([0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [[T, T, T, F, F], [T, T, T, F, F], [T, T, T, F, F],
+                                        [T, T, T, T, F], [T, T, T, T, T]]),
+    # A leading 1 changes nothing: only differences of the cumulative sum matter.
+    ([1, 0, 0, 1, 1], [1, 1, 1, 1, 1], [[T, T, T, F, F], [T, T, T, F, F], [T, T, T, F, F],
+                                        [T, T, T, T, F], [T, T, T, T, T]]),
+    # Block-causal: pairs see each other and every earlier pair.
+    ([1, 0, 1, 0, 1, 0], [1] * 6, [[T, T, F, F, F, F], [T, T, F, F, F, F], [T, T, T, T, F, F],
+                                   [T, T, T, T, F, F], [T, T, T, T, T, T], [T, T, T, T, T, T]]),
+    # Padding (mask_input 0) neither sees nor is seen, whatever mask_ar says.
+    ([0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [[T, T, F, F, F, F], [T, T, F, F, F, F], [T, T, T, F, F, F],
+                                             [T, T, T, T, F, F], [F] * 6, [F] * 6]),
+])
+def test_make_attn_mask_truth_tables(mask_ar, mask_input, expected):
+  mask = paligemma.make_attn_mask(jnp.array([mask_input]), jnp.array([mask_ar]))
+  np.testing.assert_array_equal(np.asarray(mask[0]), np.array(expected))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = config.get("tiny-gemma1-mqa")
+  return cfg, random_params(cfg, seed=7)
+
+
+def _logits(cfg, params, batch):
+  return np.asarray(paligemma.forward(params, batch["image"], batch["text"], batch["mask_ar"], cfg=cfg)[0])
+
+
+def test_suffix_token_only_affects_later_positions(tiny):
+  cfg, params = tiny
+  batch = prefix_lm_batch(cfg, [(4, 6)], 10)
+  base = _logits(cfg, params, batch)
+  for j in range(4, 10):  # every suffix position
+    b = {**batch, "text": batch["text"].copy()}
+    b["text"][0, j] = (b["text"][0, j] + 1) % cfg.llm.vocab_size
+    changed = np.abs(_logits(cfg, params, b) - base).max(-1)[0] > 1e-6
+    np.testing.assert_array_equal(changed, np.arange(10) >= j)
+
+
+def test_prefix_token_and_image_affect_every_position(tiny):
+  cfg, params = tiny
+  batch = prefix_lm_batch(cfg, [(4, 6)], 10)
+  base = _logits(cfg, params, batch)
+  for j in range(1, 4):  # prefix positions (after bos)
+    b = {**batch, "text": batch["text"].copy()}
+    b["text"][0, j] = (b["text"][0, j] + 1) % cfg.llm.vocab_size
+    assert (np.abs(_logits(cfg, params, b) - base).max(-1)[0] > 1e-6).all()
+  b = {**batch, "image": batch["image"] * 0.5}
+  assert (np.abs(_logits(cfg, params, b) - base).max(-1)[0] > 1e-6).all()
+
+
+def test_right_padding_changes_no_real_position(tiny):
+  cfg, params = tiny
+  short = prefix_lm_batch(cfg, [(4, 3)], 7)
+  padded = prefix_lm_batch(cfg, [(4, 3)], 11)
+  chex.assert_trees_all_close(_logits(cfg, params, padded)[:, :7], _logits(cfg, params, short), rtol=1e-5,
+                              atol=1e-5)
+
+
+def test_jit_and_no_jit_agree(tiny):
+  cfg, params = tiny
+  batch = prefix_lm_batch(cfg, [(4, 6), (2, 3)], 10)
+  jitted = jax.jit(paligemma.forward, static_argnames="cfg")(params, batch["image"], batch["text"], batch["mask_ar"],
+                                                             cfg=cfg)[0]
+  with jax.disable_jit():
+    eager = paligemma.forward(params, batch["image"], batch["text"], batch["mask_ar"], cfg=cfg)[0]
+  chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma1-mqa", "tiny-gemma2-gqa"])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float16, 2e-2), (jnp.bfloat16, 1e-1)])
+def test_half_precision_params_give_finite_logits_close_to_float32(name, dtype, tol):
+  cfg = config.get(name)
+  params = random_params(cfg, seed=1)
+  batch = prefix_lm_batch(cfg, [(4, 6), (2, 3)], 10)
+  ref = _logits(cfg, params, batch)
+  half = jax.tree.map(lambda x: x.astype(dtype), params)
+  out = _logits(cfg, half, batch)
+  assert np.isfinite(out).all()
+  # Relative to the logits' scale; the tolerance is the storage dtype's (fp16 ~1e-3, bf16 ~1e-2 per weight).
+  assert np.abs(out - ref).max() <= tol * np.abs(ref).max()
+  assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_aux_exposes_named_intermediates_and_attention(tiny):
+  cfg, params = tiny
+  batch = prefix_lm_batch(cfg, [(4, 6)], 10)
+  _, aux = paligemma.forward(params, batch["image"], batch["text"], batch["mask_ar"], cfg=cfg, return_attn=True)
+  P, D = cfg.num_image_tokens, cfg.llm.width
+  assert aux["img/zimg"].shape == (1, P, D)
+  assert aux["llm/pre_logits"].shape == (1, 10, D)
+  attn = np.asarray(aux["llm/attn"])  # (L, B, K, G, N, N)
+  assert attn.shape == (cfg.llm.depth, 1, 1, 4, P + 10, P + 10)
+  np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
+  # Attention probabilities are zero exactly where the mask forbids.
+  mask = np.asarray(aux["attn_mask"])[0]
+  assert np.all(attn[:, 0, :, :, ~mask] == 0.0)
+
+
+def test_remat_gives_the_same_values_and_gradients(tiny):
+  import dataclasses
+  cfg, params = tiny
+  batch = prefix_lm_batch(cfg, [(4, 6)], 10)
+
+  def f(p, c):
+    return paligemma.forward(p, batch["image"], batch["text"], batch["mask_ar"], cfg=c)[0].sum()
+
+  g0 = jax.grad(f)(params, cfg)
+  for remat in ("full", "dots"):
+    g1 = jax.grad(f)(params, dataclasses.replace(cfg, remat=remat))
+    chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-5)
