@@ -1,15 +1,66 @@
-"""Fine-tuning: the loss (big_vision's), and later the trainable split and the train step.
+"""Fine-tuning: the trainable subtree, split precision, big_vision's loss, one jitted train step, schedules.
 
-Axis legend as in layers.py.
+The seed recipe (big_vision's PaliGemma notebook): only the LLM's attention layers train, in float32,
+with plain SGD; everything else stays frozen in float16 (bfloat16 by option). Gradients are taken with
+respect to the trainable subtree only; frozen leaves never get one. Axis legend as in layers.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import re
+from typing import Callable, Iterable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pgjax import gemma, paligemma
+from pgjax import checkpoint, gemma, paligemma
 from pgjax.config import PaliGemmaConfig
+
+# ------------------------------------------------------------------------------------------ what trains
+
+
+def is_trainable(path: str) -> bool:
+  """The seed recipe: the LLM's attention layers."""
+  return path.startswith("llm/layers/attn/")
+
+
+def make_predicate(spec=None) -> Callable[[str], bool]:
+  """A path predicate from: None (the seed recipe), a callable, a regex, or a list of regexes (any
+  full-matching one makes the leaf trainable), e.g. [r"llm/layers/attn/.*", r"img/head/.*"] or [".*"]."""
+  if spec is None:
+    return is_trainable
+  if callable(spec):
+    return spec
+  patterns = [spec] if isinstance(spec, str) else list(spec)
+  compiled = [re.compile(p) for p in patterns]
+  return lambda path: any(c.fullmatch(path) for c in compiled)
+
+
+def split(params, is_trainable=is_trainable, *, frozen_dtype=jnp.float16):
+  """Splits params into (trainable float32, frozen `frozen_dtype`) subtrees with disjoint leaves.
+
+  A predicate that selects no leaf is an error (a typo would otherwise train nothing). Trainable
+  leaves are fresh copies: the train step donates them, which must not delete the caller's params.
+  """
+  predicate = make_predicate(is_trainable)
+  flat = checkpoint.flatten(params)
+  trainable = {k: jnp.copy(v.astype(jnp.float32)) for k, v in flat.items() if predicate(k)}
+  if not trainable:
+    raise ValueError(f"the trainable predicate matches none of the {len(flat)} params (e.g. {next(iter(flat))})")
+  frozen = {k: v.astype(frozen_dtype) for k, v in flat.items() if not predicate(k)}
+  return checkpoint.unflatten(trainable), checkpoint.unflatten(frozen)
+
+
+def merge(trainable, frozen):
+  """One param tree from the two subtrees."""
+  return checkpoint.unflatten({**checkpoint.flatten(frozen), **checkpoint.flatten(trainable)})
+
+
+# ------------------------------------------------------------------------------------------------ loss
 
 
 def loss_fn(params, batch, *, cfg: PaliGemmaConfig):
@@ -18,7 +69,7 @@ def loss_fn(params, batch, *, cfg: PaliGemmaConfig):
   The model reads text[:, :-1] and predicts text[:, 1:]; `mask_loss[:, 1:]` selects the targets
   (suffix tokens and eos), so prefix and padding carry no loss. Logits are float32 (and soft-capped
   when the config says so); target log-probs are gathered, never a one-hot over the vocabulary.
-  A row with no supervised token contributes 0 (callers check for such rows before training).
+  A row with no supervised token would contribute 0: `check_batch` rejects such rows first.
   Returns (loss, loss_B).
   """
   text_BT = batch["text"]
@@ -31,3 +82,173 @@ def loss_fn(params, batch, *, cfg: PaliGemmaConfig):
   mask_BT = batch["mask_loss"][:, 1:].astype(jnp.float32)
   loss_B = jnp.sum(nll_BT * mask_BT, axis=-1) / jnp.maximum(jnp.sum(mask_BT, axis=-1), 1.0)
   return jnp.mean(loss_B), loss_B
+
+
+def check_batch(batch, names=None) -> None:
+  """Host-side check before a step: every row has at least one supervised token. Raises naming the row."""
+  counts = np.asarray(batch["mask_loss"])[:, 1:].sum(1)
+  bad = np.flatnonzero(counts == 0)
+  if len(bad):
+    which = [names[i] for i in bad] if names is not None else [f"row {i}" for i in bad]
+    raise ValueError(f"{len(bad)} example(s) have no supervised (suffix) token, so no loss: {which[:5]}")
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Optimizer:
+  """"sgd" is the seed's update p - lr * g and needs nothing else; "momentum" and "adamw" use optax."""
+
+  name: str = "sgd"
+  momentum: float = 0.9
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0  # decoupled (AdamW), multiplied by lr
+
+  def _tx(self):
+    if self.name == "sgd":
+      return None
+    import optax  # optional dependency: only the non-default optimizers need it
+    if self.name == "momentum":
+      return optax.trace(decay=self.momentum)
+    if self.name == "adamw":
+      return optax.chain(optax.scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps),
+                         optax.add_decayed_weights(self.weight_decay))
+    raise ValueError(f"unknown optimizer {self.name!r}; use sgd, momentum or adamw")
+
+  def init(self, trainable):
+    tx = self._tx()
+    return None if tx is None else tx.init(trainable)
+
+  def update(self, grads, state, trainable, lr):
+    tx = self._tx()
+    updates, state = (grads, state) if tx is None else tx.update(grads, state, trainable)
+    return jax.tree.map(lambda p, u: p - lr * u, trainable, updates), state
+
+
+# ------------------------------------------------------------------------------------------ train step
+
+
+def _loss_and_grads(trainable, frozen, batch, *, cfg, accum_steps):
+  def loss_of(tr, micro):
+    return loss_fn(merge(tr, frozen), micro, cfg=cfg)[0]
+
+  if accum_steps == 1:
+    return jax.value_and_grad(loss_of)(trainable, batch)
+  B = batch["text"].shape[0]
+  if B % accum_steps:
+    raise ValueError(f"batch size {B} is not a multiple of accum_steps {accum_steps}")
+  # Micro-batch a takes rows a, a + A, a + 2A, ...: with the batch split over devices in blocks,
+  # every micro-batch keeps rows on every device.
+  micro = jax.tree.map(lambda x: x.reshape(B // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+  def body(acc, mb):
+    loss, grads = jax.value_and_grad(loss_of)(trainable, mb)
+    return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+  (loss, grads), _ = jax.lax.scan(body, zeros, micro)
+  # Equal-sized micro-batches: the mean of their means is the batch mean, as in one big step.
+  return loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
+
+
+def _step(trainable, frozen, batch, lr, opt_state, *, cfg, optimizer, clip_norm, accum_steps):
+  loss, grads = _loss_and_grads(trainable, frozen, batch, cfg=cfg, accum_steps=accum_steps)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  if clip_norm:
+    grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip_norm / (grad_norm + 1e-12)), grads)
+  trainable, opt_state = optimizer.update(grads, opt_state, trainable, lr)
+  return trainable, opt_state, {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+
+
+def make_train_step(cfg: PaliGemmaConfig, *, optimizer: Optimizer = Optimizer(), clip_norm: float | None = None,
+                    accum_steps: int = 1, mesh=None, trainable_shardings=None, frozen_shardings=None,
+                    opt_state_shardings=None):
+  """The jitted step `(trainable, frozen, batch, lr, opt_state) -> (trainable, opt_state, metrics)`.
+
+  Compiled once; trainable params and optimizer state are donated. With a mesh, in/out shardings are
+  explicit: params as given (see sharding.param_shardings), the batch split over "data", scalars
+  replicated. Remat of the blocks is `cfg.remat`.
+  """
+  step = functools.partial(_step, cfg=cfg, optimizer=optimizer, clip_norm=clip_norm, accum_steps=accum_steps)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(0, 4))
+  from pgjax import sharding
+  rep = sharding.replicated(mesh)
+  opt_sh = rep if opt_state_shardings is None else opt_state_shardings
+  return jax.jit(step, donate_argnums=(0, 4),
+                 in_shardings=(trainable_shardings, frozen_shardings, sharding.batch_sharding(mesh), rep, opt_sh),
+                 out_shardings=(trainable_shardings, opt_sh, rep))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "clip_norm", "accum_steps"), donate_argnames=("trainable",))
+def _sgd_step(trainable, frozen, batch, lr, *, cfg, clip_norm, accum_steps):
+  trainable, _, metrics = _step(trainable, frozen, batch, lr, None, cfg=cfg, optimizer=Optimizer(),
+                                clip_norm=clip_norm, accum_steps=accum_steps)
+  return trainable, metrics
+
+
+def train_step(trainable, frozen, batch, lr, *, cfg: PaliGemmaConfig, clip_norm: float | None = None,
+               accum_steps: int = 1, allow_low_precision: bool = False):
+  """One SGD step, the seed's update: p <- p - lr * grad (float32). Returns (trainable, metrics).
+
+  Trainable leaves must be float32 (low-precision updates lose small steps; pass allow_low_precision
+  to override). Metrics are device arrays: read them one step late to keep the host from syncing.
+  """
+  if not allow_low_precision:
+    bad = [k for k, v in checkpoint.flatten(trainable).items() if v.dtype != jnp.float32]
+    if bad:
+      raise ValueError(f"trainable params must be float32, these are not: {bad[:5]}")
+  return _sgd_step(trainable, frozen, batch, lr, cfg=cfg, clip_norm=clip_norm, accum_steps=accum_steps)
+
+
+# ------------------------------------------------------------------------------------------- schedules
+
+
+def warmup_cosine(base: float, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+  """The notebook's schedule: linear warmup to `base` over `warmup_steps`, then cosine to 0 at `total_steps`.
+
+  lr(s) = base * min(1, s / warmup) * 0.5 * (1 + cos(pi * clip((s - warmup) / (total - warmup), 0, 1))),
+  for steps s counted from 1 (big_vision's create_learning_rate_schedule).
+  """
+  def lr(step):
+    warm = min(1.0, step / warmup_steps) if warmup_steps else 1.0
+    progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    return base * warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+  return lr
+
+
+def linear_decay(base: float, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+  """Linear warmup, then linear decay to 0 at `total_steps`."""
+  def lr(step):
+    warm = min(1.0, step / warmup_steps) if warmup_steps else 1.0
+    progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    return base * warm * (1.0 - progress)
+  return lr
+
+
+def constant(base: float) -> Callable[[int], float]:
+  return lambda step: base
+
+
+def schedule(name: str, base: float, total_steps: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:
+  """By name: "constant", "cosine" (warmup + cosine, the notebook's) or "linear". Warmup steps are
+  round(warmup_fraction * total_steps), Python's round, as big_vision computes them."""
+  warmup = round(warmup_fraction * total_steps)
+  if name == "constant":
+    return constant(base)
+  if name == "cosine":
+    return warmup_cosine(base, total_steps, warmup)
+  if name == "linear":
+    return linear_decay(base, total_steps, warmup)
+  raise ValueError(f"unknown schedule {name!r}; use constant, cosine or linear")
+
+
+def global_norm(tree) -> float:
+  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))))
+
+
+def all_finite(tree: Iterable) -> bool:
+  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))

@@ -1,0 +1,118 @@
+"""Sharding: a device mesh, one rules table (path regex -> PartitionSpec), per-leaf NamedShardings.
+
+FSDP-style by default: a 1-D mesh with axis "data" over every device; each large param is split along
+its model-width axis (D, which divides by every realistic device count: 1152, 2048, 2304, 3584, 4608),
+so each device holds 1/n of the weights, and batches are split along the batch axis. A 2-D mesh
+("data", "model") additionally splits heads, MLP hidden units and the vocabulary over "model". On a
+1-D mesh the "model" entries of the table mean "not split".
+
+Every leaf must match exactly one rule and every split axis must divide, else `ShardingError` names the
+leaf: nothing is silently replicated. PaliGemma 1's kv_einsum has a single kv head (1, 2048, 256),
+so its rule splits D and H, never K.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pgjax import checkpoint
+
+# path regex (full match)                                  spec per axis of the leaf (its shape in comments)
+RULES: tuple[tuple[str, tuple], ...] = (
+    (r"img/embedding/kernel", (None, None, None, "data")),                      # p q C D
+    (r"img/embedding/bias", ("data",)),                                         # D
+    (r"img/pos_embedding", (None, None, "data")),                               # 1 P D
+    (r"img/Transformer/encoder_norm/(scale|bias)", ("data",)),                  # D
+    (r"img/Transformer/encoderblock/LayerNorm_[01]/(scale|bias)", (None, "data")),           # L D
+    (r"img/.*/MlpBlock_0/Dense_0/kernel", (None, "data", "model")),            # L D F
+    (r"img/.*/MlpBlock_0/Dense_0/bias", (None, "model")),                      # L F
+    (r"img/.*/MlpBlock_0/Dense_1/kernel", (None, "model", "data")),            # L F D
+    (r"img/.*/MlpBlock_0/Dense_1/bias", (None, "data")),                       # L D
+    (r"img/.*/MultiHeadDotProductAttention_0/(query|key|value)/kernel", (None, "data", "model", None)),  # L D N H
+    (r"img/.*/MultiHeadDotProductAttention_0/(query|key|value)/bias", (None, "model", None)),  # L N H (small)
+    (r"img/.*/MultiHeadDotProductAttention_0/out/kernel", (None, "model", None, "data")),    # L N H D
+    (r"img/.*/MultiHeadDotProductAttention_0/out/bias", (None, "data")),       # L D
+    (r"img/head/kernel", ("data", "model")),                                    # Dv D
+    (r"img/head/bias", ("data",)),                                              # D
+    (r"llm/embedder/input_embedding", ("model", "data")),                      # V D
+    (r"llm/final_norm/scale", ("data",)),                                      # D
+    (r"llm/layers/(pre|post)_(attention|ffw)_norm/scale", (None, "data")),     # L D
+    (r"llm/layers/attn/q_einsum/w", (None, "model", "data", None)),            # L N D H
+    (r"llm/layers/attn/kv_einsum/w", (None, None, None, "data", "model")),     # L 2 K D H (K may be 1)
+    (r"llm/layers/attn/qkv_einsum/w", (None, None, "model", "data", None)),    # L 3 N D H
+    (r"llm/layers/attn/attn_vec_einsum/w", (None, "model", None, "data")),     # L N H D
+    (r"llm/layers/mlp/gating_einsum", (None, None, "data", "model")),          # L 2 D F
+    (r"llm/layers/mlp/linear", (None, "model", "data")),                       # L F D
+)
+
+
+class ShardingError(ValueError):
+  pass
+
+
+def make_mesh(devices=None, *, model: int = 1) -> Mesh:
+  """All devices (of all hosts) as ("data",), or ("data", "model") with `model` devices per model group."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if model == 1:
+    return Mesh(devices.reshape(-1), ("data",))
+  if devices.size % model:
+    raise ShardingError(f"{devices.size} devices do not split into model groups of {model}")
+  return Mesh(devices.reshape(-1, model), ("data", "model"))
+
+
+def spec_for(path: str, shape, mesh: Mesh, rules=RULES) -> P:
+  """The PartitionSpec of one leaf; raises ShardingError naming the leaf if no rule fits."""
+  matches = [spec for pattern, spec in rules if re.fullmatch(pattern, path)]
+  if len(matches) != 1:
+    raise ShardingError(f"{path} {tuple(shape)}: matches {len(matches)} sharding rules, needs exactly one")
+  spec = matches[0]
+  if len(spec) != len(shape):
+    raise ShardingError(f"{path} {tuple(shape)}: rule {spec} has {len(spec)} axes, the leaf {len(shape)}")
+  spec = tuple(a if a in mesh.axis_names else None for a in spec)
+  for dim, axis in zip(shape, spec):
+    if axis is not None and dim % mesh.shape[axis]:
+      raise ShardingError(f"{path} {tuple(shape)}: axis of size {dim} does not divide over mesh axis "
+                          f"{axis!r} of size {mesh.shape[axis]} (spec {spec})")
+  return P(*spec)
+
+
+def param_shardings(params, mesh: Mesh, rules=RULES):
+  """A tree of NamedShardings matching `params` (arrays or ShapeDtypeStructs, nested or partial trees)."""
+  flat = checkpoint.flatten(params)
+  return checkpoint.unflatten({k: NamedSharding(mesh, spec_for(k, v.shape, mesh, rules)) for k, v in flat.items()})
+
+
+def leaf_sharding(mesh: Mesh, rules=RULES):
+  """The `sharding` callable for `checkpoint.load`: each leaf goes straight to its NamedSharding."""
+  return lambda path, shape, dtype: NamedSharding(mesh, spec_for(path, shape, mesh, rules))
+
+
+def check_rules(params, rules=RULES) -> None:
+  """Raises if any rule matches no leaf of `params` (a rule that matches nothing is a silent typo)."""
+  keys = list(checkpoint.flatten(params))
+  unused = [pattern for pattern, _ in rules if not any(re.fullmatch(pattern, k) for k in keys)]
+  if unused:
+    raise ShardingError(f"sharding rules that match no leaf: {unused}")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches split along their leading (batch) axis over "data"."""
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def describe(params) -> list[tuple[str, tuple, str, str, int]]:
+  """(path, shape, dtype, spec, bytes per device) for each leaf of placed params, for `pgjax inspect`."""
+  rows = []
+  for k, v in sorted(checkpoint.flatten(params).items()):
+    shard = v.sharding.shard_shape(v.shape) if hasattr(v, "sharding") else v.shape
+    spec = str(v.sharding.spec) if isinstance(getattr(v, "sharding", None), NamedSharding) else "-"
+    rows.append((k, tuple(v.shape), str(v.dtype), spec, int(np.prod(shard)) * np.dtype(v.dtype).itemsize))
+  return rows

@@ -1,0 +1,85 @@
+"""Sharding on 8 fake CPU devices: the rules table covers every leaf, and the sharded step equals one device."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from helpers import prefix_lm_batch, random_params
+from pgjax import checkpoint, config, paligemma, sharding, train
+
+assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in config.PRESETS))
+@pytest.mark.parametrize("model", [1, 2])
+def test_rules_cover_every_preset(name, model):
+  cfg = config.get(name)
+  shapes = jax.eval_shape(lambda: paligemma.init(jax.random.key(0), cfg))
+  mesh = sharding.make_mesh(model=model)
+  specs = sharding.param_shardings(shapes, mesh)
+  flat = checkpoint.flatten(specs)
+  assert len(flat) == len(checkpoint.flatten(shapes))
+  # The big matrices really are split: no leaf over 1 MiB is left whole.
+  for k, v in checkpoint.flatten(shapes).items():
+    if np.prod(v.shape) * 4 > 2**20:
+      assert flat[k].spec != P(*([None] * len(v.shape))), k
+
+
+def test_unmatched_leaf_and_indivisible_axis_raise():
+  mesh = sharding.make_mesh()
+  with pytest.raises(sharding.ShardingError, match="llm/new_thing/w"):
+    sharding.spec_for("llm/new_thing/w", (8, 8), mesh)
+  with pytest.raises(sharding.ShardingError, match="does not divide"):
+    sharding.spec_for("llm/final_norm/scale", (12,), mesh)
+  cfg = config.get("tiny-gemma1-mqa")
+  shapes = jax.eval_shape(lambda: paligemma.init(jax.random.key(0), cfg))
+  partial_rules = tuple(r for r in sharding.RULES if "q_einsum" not in r[0])
+  with pytest.raises(sharding.ShardingError, match="q_einsum"):
+    sharding.param_shardings(shapes, mesh, partial_rules)
+  with pytest.raises(sharding.ShardingError, match="match no leaf"):
+    sharding.check_rules(shapes, sharding.RULES + ((r"llm/typo/.*", (None,)),))
+
+
+def test_mqa_kv_einsum_splits_width_not_heads():
+  mesh = sharding.make_mesh(model=2)
+  spec = sharding.spec_for("llm/layers/attn/kv_einsum/w", (18, 2, 1, 2048, 256), mesh)
+  assert spec == P(None, None, None, "data", "model")
+
+
+@pytest.mark.parametrize("model", [1, 2])
+def test_sharded_step_equals_single_device_step(model):
+  cfg = config.get("tiny-gemma1-mqa")
+  params = random_params(cfg, seed=3)
+  batch = prefix_lm_batch(cfg, [(4, 6), (6, 2), (3, 5), (5, 5)] * 2, 12)
+  trainable, frozen = train.split(params, train.is_trainable, frozen_dtype=jnp.float32)
+  ref, ref_metrics = train.train_step(jax.tree.map(jnp.copy, trainable), frozen, batch, 0.1, cfg=cfg)
+
+  mesh = sharding.make_mesh(model=model)
+  tr_sh, fr_sh = sharding.param_shardings(trainable, mesh), sharding.param_shardings(frozen, mesh)
+  step = train.make_train_step(cfg, mesh=mesh, trainable_shardings=tr_sh, frozen_shardings=fr_sh)
+  t = jax.device_put(trainable, tr_sh)
+  f = jax.device_put(frozen, fr_sh)
+  out, _, metrics = step(t, f, batch, 0.1, None)
+  chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
+  for k, v in checkpoint.flatten(out).items():
+    expected = sharding.spec_for(k, v.shape, mesh)
+    assert isinstance(v.sharding, NamedSharding) and v.sharding.spec == expected, k
+    assert len(v.sharding.device_set) == 8
+
+
+def test_checkpoint_load_places_each_leaf_in_its_sharding(tmp_path):
+  cfg = config.get("tiny-gemma2-gqa")
+  params = random_params(cfg, seed=1)
+  checkpoint.save(tmp_path / "p.npz", params)
+  mesh = sharding.make_mesh()
+  loaded = checkpoint.load(tmp_path / "p.npz", cfg, sharding=sharding.leaf_sharding(mesh))
+  for k, v in checkpoint.flatten(loaded).items():
+    assert v.sharding.spec == sharding.spec_for(k, v.shape, mesh), k
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, params))
+  rows = sharding.describe(loaded)
+  big = [r for r in rows if r[0] == "llm/embedder/input_embedding"][0]
+  assert big[4] == 384 * 64 * 4 // 8  # per-device bytes: split 8 ways

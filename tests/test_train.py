@@ -1,0 +1,180 @@
+"""The fine-tuning core: trainable split, split precision, the SGD step, accumulation, schedules."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import prefix_lm_batch, random_params
+from pgjax import checkpoint, config, train
+
+LENGTHS = [(4, 6), (6, 2), (3, 9), (5, 5)]
+
+
+@pytest.fixture(scope="module", params=["tiny-gemma1-mqa", "tiny-gemma2-gqa"])
+def setup(request):
+  cfg = config.get(request.param)
+  return cfg, random_params(cfg, seed=2), prefix_lm_batch(cfg, LENGTHS, 12)
+
+
+def test_split_selects_attention_in_float32_and_freezes_the_rest(setup):
+  cfg, params, _ = setup
+  trainable, frozen = train.split(params, train.is_trainable)
+  t, f = checkpoint.flatten(trainable), checkpoint.flatten(frozen)
+  assert set(t) == {k for k in checkpoint.flatten(params) if k.startswith("llm/layers/attn/")}
+  assert not set(t) & set(f) and len(t) + len(f) == len(checkpoint.flatten(params))
+  assert {v.dtype for v in t.values()} == {jnp.dtype(jnp.float32)}
+  assert {v.dtype for v in f.values()} == {jnp.dtype(jnp.float16)}
+  _, fb = train.split(params, train.is_trainable, frozen_dtype=jnp.bfloat16)
+  assert {v.dtype for v in checkpoint.flatten(fb).values()} == {jnp.dtype(jnp.bfloat16)}
+  merged = checkpoint.flatten(train.merge(trainable, frozen))
+  assert set(merged) == set(checkpoint.flatten(params))
+
+
+def test_predicates(setup):
+  cfg, params, _ = setup
+  n_all = len(checkpoint.flatten(params))
+  t, _ = train.split(params, [r"llm/layers/attn/.*", r"img/head/.*"])
+  assert set(checkpoint.flatten(t)) >= {"img/head/kernel", "img/head/bias"}
+  t, f = train.split(params, [".*"])
+  assert len(checkpoint.flatten(t)) == n_all and not f
+  with pytest.raises(ValueError, match="matches none"):
+    train.split(params, [r"llm/layers/atn/.*"])  # a typo trains nothing: an error, not a no-op
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_one_step_is_p_minus_lr_g_of_the_float32_loss(setup, clip):
+  cfg, params, batch = setup
+  lr = 0.03
+  trainable, frozen = train.split(params, train.is_trainable, frozen_dtype=jnp.float32)
+  # The expected update from jax.grad of the loss on the merged float32 tree, computed independently.
+  grads = jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, cfg=cfg)[0]))(params)
+  g = grads["llm"]["layers"]["attn"]
+  norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(x))) for x in jax.tree.leaves(g))))
+  scale = min(1.0, clip / norm) if clip else 1.0
+  expected = jax.tree.map(lambda p, g: np.asarray(p) - lr * scale * np.asarray(g), trainable["llm"]["layers"]["attn"], g)
+  new, metrics = train.train_step(trainable, frozen, batch, lr, cfg=cfg, clip_norm=clip)
+  chex.assert_trees_all_close(new["llm"]["layers"]["attn"], expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+  loss = jax.jit(train.loss_fn, static_argnames="cfg")(params, batch, cfg=cfg)[0]
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-6)
+  assert float(metrics["lr"]) == pytest.approx(lr)
+
+
+def test_frozen_leaves_stay_bit_identical_and_buffers_are_donated(setup):
+  cfg, params, batch = setup
+  trainable, frozen = train.split(params, train.is_trainable)
+  before = jax.tree.map(np.asarray, frozen)
+  for step in range(3):
+    old_leaf = trainable["llm"]["layers"]["attn"]["attn_vec_einsum"]["w"]
+    trainable, metrics = train.train_step(trainable, frozen, batch, 0.01, cfg=cfg)
+    assert old_leaf.is_deleted()  # donated
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), before)
+  assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(frozen))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_low_precision_trainable_is_refused(setup):
+  cfg, params, batch = setup
+  trainable, frozen = train.split(params, train.is_trainable)
+  half = jax.tree.map(lambda x: x.astype(jnp.float16), trainable)
+  with pytest.raises(ValueError, match="float32"):
+    train.train_step(half, frozen, batch, 0.01, cfg=cfg)
+
+
+def test_gradient_accumulation_equals_the_full_batch(setup):
+  cfg, params, batch = setup
+  trainable, frozen = train.split(params, train.is_trainable, frozen_dtype=jnp.float32)
+  copy = jax.tree.map(jnp.array, trainable)
+  full, m_full = train.train_step(trainable, frozen, batch, 0.1, cfg=cfg)
+  acc, m_acc = train.train_step(copy, frozen, batch, 0.1, cfg=cfg, accum_steps=2)
+  chex.assert_trees_all_close(acc, full, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(m_acc["loss"]), float(m_full["loss"]), rtol=1e-6)
+
+
+def test_loss_with_final_softcap_is_cross_entropy_of_capped_logits():
+  base = config.get("tiny-gemma2-gqa")
+  cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, final_logits_softcap=2.0))
+  params = random_params(cfg, seed=4)
+  batch = prefix_lm_batch(cfg, LENGTHS, 12)
+  from pgjax import paligemma
+  logits, _ = paligemma.forward(params, batch["image"], batch["text"][:, :-1], batch["mask_ar"][:, :-1], cfg=cfg)
+  assert np.abs(np.asarray(logits)).max() <= 2.0  # capped
+  logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
+  tgt, m = batch["text"][:, 1:], batch["mask_loss"][:, 1:]
+  nll = -np.take_along_axis(np.asarray(logp), tgt[..., None], -1)[..., 0]
+  expected = ((nll * m).sum(1) / m.sum(1)).mean()
+  loss_fn = jax.jit(train.loss_fn, static_argnames="cfg")
+  np.testing.assert_allclose(float(loss_fn(params, batch, cfg=cfg)[0]), expected, rtol=1e-5)
+  uncapped = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, final_logits_softcap=0.0))
+  assert abs(float(loss_fn(params, batch, cfg=uncapped)[0]) - expected) > 1e-2
+
+
+def test_check_batch_names_rows_without_loss_tokens():
+  batch = {"mask_loss": np.array([[0, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]])}
+  with pytest.raises(ValueError, match="ex-b"):
+    train.check_batch(batch, names=["ex-a", "ex-b", "ex-c"])
+  train.check_batch({"mask_loss": batch["mask_loss"][[0, 2]]})
+
+
+def test_notebook_schedule_values():
+  # big_vision's create_learning_rate_schedule(total_steps=65, base=0.03, decay_type="cosine",
+  # warmup_percent=0.10) at steps 1..64: warmup round(6.5) = 6 (half to even); values from the notebook.
+  lr = train.schedule("cosine", 0.03, 65, 0.10)
+  assert lr(1) == pytest.approx(0.005)
+  assert lr(3) == pytest.approx(0.015)
+  assert lr(6) == pytest.approx(0.03)
+  assert lr(20) == pytest.approx(0.02602, abs=1e-5)
+  assert lr(32) == pytest.approx(0.01778, abs=1e-5)
+  assert lr(64) == pytest.approx(2.1e-5, abs=1e-6)
+  lin = train.schedule("linear", 1.0, 10, 0.2)  # warmup 2 steps, then to 0 at step 10
+  assert [lin(s) for s in (1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 0.5, 0.0])
+  assert train.schedule("constant", 0.1, 10)(7) == 0.1
+
+
+@pytest.mark.parametrize("opt", [train.Optimizer(name="momentum", momentum=0.9),
+                                 train.Optimizer(name="adamw", weight_decay=0.1)])
+def test_optax_optimizers_match_their_update_rules(setup, opt):
+  cfg, params, batch = setup
+  trainable, frozen = train.split(params, train.is_trainable, frozen_dtype=jnp.float32)
+  p0 = jax.tree.map(np.asarray, trainable)
+  step = train.make_train_step(cfg, optimizer=opt)
+  state = opt.init(trainable)
+  lr = 0.01
+  grads = []
+  grad_fn = jax.jit(jax.grad(lambda t: train.loss_fn(train.merge(t, frozen), batch, cfg=cfg)[0]))
+  for _ in range(2):
+    g = grad_fn(trainable)
+    grads.append(jax.tree.map(np.asarray, g))
+    trainable, state, _ = step(trainable, frozen, batch, lr, state)
+  # Hand-written update rules for two steps.
+  if opt.name == "momentum":
+    v1 = grads[0]
+    p1 = jax.tree.map(lambda p, v: p - lr * v, p0, v1)
+    v2 = jax.tree.map(lambda v, g: opt.momentum * v + g, v1, grads[1])
+    expected = jax.tree.map(lambda p, v: p - lr * v, p1, v2)
+  else:
+    def adam(p, g1, g2):
+      m1, s1 = (1 - opt.b1) * g1, (1 - opt.b2) * g1 ** 2
+      p1 = p - lr * (m1 / (1 - opt.b1) / (np.sqrt(s1 / (1 - opt.b2)) + opt.eps) + opt.weight_decay * p)
+      m2, s2 = opt.b1 * m1 + (1 - opt.b1) * g2, opt.b2 * s1 + (1 - opt.b2) * g2 ** 2
+      return p1 - lr * (m2 / (1 - opt.b1 ** 2) / (np.sqrt(s2 / (1 - opt.b2 ** 2)) + opt.eps) + opt.weight_decay * p1)
+    expected = jax.tree.map(adam, p0, grads[0], grads[1])
+  chex.assert_trees_all_close(trainable, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_small_model_overfits_a_handful_of_examples():
+  cfg = config.get("tiny-gemma1-mqa")
+  params = random_params(cfg, seed=9)
+  batch = prefix_lm_batch(cfg, LENGTHS, 12, seed=9)
+  trainable, frozen = train.split(params, [".*"])  # everything trains: a tiny model needs the capacity
+  first = None
+  for step in range(60):
+    trainable, metrics = train.train_step(trainable, frozen, batch, 0.5, cfg=cfg, clip_norm=1.0)
+    first = float(metrics["loss"]) if first is None else first
+  last = float(train.loss_fn(train.merge(trainable, frozen), batch, cfg=cfg)[0])
+  assert last < 0.1 * first, (first, last)
