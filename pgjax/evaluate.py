@@ -1,0 +1,334 @@
+"""Evaluation: batched greedy prediction over a dataset, task metrics, and PaliGemma's `<loc>` boxes.
+
+`predict` runs `decode.greedy` over fixed-shape batches: the last batch is padded by repeating its
+last example and the padding is flagged in `valid_B`, so there is one compilation per
+(batch_size, max_len, max_new_tokens) and padded rows neither delay the early stop nor get scored
+(the PaliGemma notebook's "pad the batch by repeating examples"). `score` turns predictions into task
+metrics and `evaluate` is the two together. Every result also counts the predictions that ran into
+`max_new_tokens` without an eos ("truncated"), so a too-small limit shows instead of hiding.
+
+Detection text (big_vision's format, PaliGemma paper appendix): per object four tokens
+`<locYMIN><locXMIN><locYMAX><locXMAX>`, each round(c * 1023) of a coordinate normalised to [0, 1]
+by the ORIGINAL image's height or width (not the resized model input), then " label"; objects are
+joined by " ; ". big_vision's evaluators decode a bin as bin / 1023.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgjax import data, decode
+from pgjax.metrics import caption_metrics, exact_match, vqa_accuracy, vqa_accuracy_batch  # noqa: F401 (public)
+
+TASKS = ("vqa", "caption", "exact", "detect")
+NUM_BINS = 1024
+
+
+def prompt_for(task: str, question=None, lang: str = "en") -> str:
+  """The paper's task prefixes: "caption en", "answer en {q}", "detect cat ; dog", "ocr"."""
+  if task == "caption":
+    return f"caption {lang}"
+  if task in ("vqa", "answer"):
+    if not question:
+      raise ValueError("prompt_for('vqa') needs a question")
+    return f"answer {lang} {question}"
+  if task == "detect":
+    things = [question] if isinstance(question, str) else list(question or ())
+    if not things or not all(isinstance(t, str) and t.strip() for t in things):
+      raise ValueError(f"prompt_for('detect') needs one or more object names, got {question!r}")
+    return "detect " + " ; ".join(t.strip() for t in things)
+  if task == "ocr":
+    return "ocr"
+  raise ValueError(f"unknown task {task!r}: use caption, vqa, detect or ocr")
+
+
+# ---------------------------------------------------------------------------------------------------
+# <loc> boxes.
+
+_LOC_RUN = re.compile(r"(?:<loc\d+>)+")
+_LOC = re.compile(r"<loc(\d+)>")
+_SEG = re.compile(r"<seg\d+>")
+
+
+def encode_detections(boxes, labels, width, height) -> str:
+  """xyxy pixel boxes of an image of size (width, height) -> "<locY0><locX0><locY1><locX1> label ; ...".
+
+  Coordinates outside the image are clipped to it (the format cannot say more). A label may not be
+  empty or contain ";" or "<loc", which would make the text ambiguous to parse back.
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  if len(boxes) != len(labels):
+    raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+  if width <= 0 or height <= 0:
+    raise ValueError(f"image size must be positive, got width={width} height={height}")
+  parts = []
+  for (x0, y0, x1, y1), label in zip(boxes, labels):
+    if not (x0 <= x1 and y0 <= y1):
+      raise ValueError(f"box {(x0, y0, x1, y1)} is not x0 <= x1, y0 <= y1 (xyxy pixels expected)")
+    if not isinstance(label, str) or not label.strip() or ";" in label or "<loc" in label:
+      raise ValueError(f"label {label!r} is empty or holds ';' or '<loc'")
+    # Python's round is half-to-even, like tf.round in big_vision's pp.
+    bins = [round(min(max(c / s, 0.0), 1.0) * (NUM_BINS - 1))
+            for c, s in ((y0, height), (x0, width), (y1, height), (x1, width))]
+    parts.append("".join(f"<loc{b:04d}>" for b in bins) + " " + label.strip())
+  return " ; ".join(parts)
+
+
+def parse_detections(text: str, width, height, *, return_malformed: bool = False):
+  """Model text -> [dict(box=(x0, y0, x1, y1) in pixels of the original image, label)].
+
+  Tolerant: a run of loc tokens that is not exactly four, a bin over 1023, an inverted box (ymax <
+  ymin or xmax < xmin) or a group without a label is skipped and counted as malformed (a truncated
+  output usually ends in one). `<segNNN>` tokens between box and label (segmentation output) are
+  ignored. With return_malformed, returns (detections, number of malformed groups).
+  """
+  dets, malformed = [], 0
+  runs = list(_LOC_RUN.finditer(text))
+  for i, run in enumerate(runs):
+    # The label is the text up to the next loc run or ";" (whichever comes first).
+    end = runs[i + 1].start() if i + 1 < len(runs) else len(text)
+    label = _SEG.sub("", text[run.end():end]).split(";")[0].strip()
+    bins = [int(b) for b in _LOC.findall(run.group())]
+    if len(bins) != 4 or max(bins) >= NUM_BINS or not label:
+      malformed += 1
+      continue
+    y0, x0, y1, x1 = (b / (NUM_BINS - 1) for b in bins)
+    if y1 < y0 or x1 < x0:
+      malformed += 1
+      continue
+    dets.append(dict(box=(x0 * width, y0 * height, x1 * width, y1 * height), label=label))
+  return (dets, malformed) if return_malformed else dets
+
+
+def box_iou(a, b) -> float:
+  """IoU of two xyxy boxes (0 for two empty boxes)."""
+  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = iw * ih
+  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+  return inter / union if union > 0 else 0.0
+
+
+def match_detections(pred, target, iou_threshold: float = 0.5) -> int:
+  """Number of true positives: predictions and targets of the same label paired one-to-one, greedily by
+  highest IoU, counting pairs with IoU >= threshold. Duplicates of one object count once; the rest are
+  false positives, so repeated boxes (a common failure) lower the precision visibly."""
+  pairs = sorted(((box_iou(p["box"], t["box"]), i, j) for i, p in enumerate(pred) for j, t in enumerate(target)
+                  if p["label"] == t["label"]), reverse=True)
+  used_p, used_t = set(), set()
+  for iou, i, j in pairs:
+    if iou < iou_threshold:
+      break
+    if i not in used_p and j not in used_t:
+      used_p.add(i)
+      used_t.add(j)
+  return len(used_p)
+
+
+def detection_metrics(predictions, targets, iou_threshold: float = 0.5) -> dict:
+  """Corpus precision, recall and F1 at one IoU threshold over lists of <loc> texts, plus the count of
+  malformed groups in the predictions. IoU does not depend on the image size, so boxes are parsed
+  in normalised coordinates."""
+  tp = n_pred = n_target = malformed = 0
+  for p_text, t_text in zip(predictions, targets):
+    pred, bad = parse_detections(p_text, 1.0, 1.0, return_malformed=True)
+    target = parse_detections(t_text, 1.0, 1.0)
+    tp += match_detections(pred, target, iou_threshold)
+    n_pred, n_target, malformed = n_pred + len(pred), n_target + len(target), malformed + bad
+  # No boxes on one side: perfect if there are none on the other either (a correct "nothing here").
+  precision = tp / n_pred if n_pred else float(n_target == 0)
+  recall = tp / n_target if n_target else float(n_pred == 0)
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return {"precision": precision, "recall": recall, "f1": f1, "iou_threshold": iou_threshold,
+          "num_predicted_boxes": n_pred, "num_target_boxes": n_target, "malformed": malformed}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prediction.
+
+
+def _image(x, size: int, i: int) -> np.ndarray:
+  """A path, PIL image, uint8/uint16 array or float array in [-1, 1] -> float32 [size, size, 3]."""
+  if isinstance(x, (str, os.PathLike)):  # load_image's errors name the file
+    return data.load_image(x, size)
+  a = x if hasattr(x, "mode") else np.asarray(x)
+  if hasattr(a, "mode") or a.dtype in (np.uint8, np.uint16):
+    return data.preprocess_image(a, size)
+  if a.shape != (size, size, 3):
+    raise ValueError(f"example {i}: a float image must be preprocessed to [{size}, {size}, 3] in [-1, 1], got "
+                     f"shape {a.shape} (pass a path or a uint8 array to have it resized)")
+  return a.astype(np.float32)
+
+
+def prompt_len(tok, prefixes) -> int:
+  """The shortest prompt length ([bos] prefix "\\n") that fits every prefix, rounded up to a multiple
+  of 8 so that similar datasets share one compilation."""
+  # As Tokenizer.encode_example lays the prompt out: a trailing "\n" of the prefix is dropped.
+  n = max(1 + len(tok.encode(p[:-1] if p.endswith("\n") else p)) + len(tok.sep_ids) for p in prefixes)
+  return -(-n // 8) * 8
+
+
+def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len: int | None = None,
+            max_new_tokens: int = 64, cache_dtype=jnp.float32) -> list[dict]:
+  """Greedy predictions for every (image, prefix), in order, each exactly once.
+
+  images: an array [N, H, W, 3] (float in [-1, 1] at the model's size, or uint8 of any size), a
+  list of paths / arrays / PIL images, or a callable i -> one of those (to load lazily).
+  max_len: prompt length in tokens (None: `prompt_len` of these prefixes).
+  Returns [dict(prediction, num_tokens, hit_eos)] with num_tokens counting the eos when there is one;
+  hit_eos False means the text was cut at max_new_tokens.
+  """
+  prefixes = list(prefixes)
+  N, size = len(prefixes), cfg.vision.image_size
+  if not callable(images) and len(images) != N:
+    raise ValueError(f"{len(images)} images but {N} prefixes")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  max_len = prompt_len(tok, prefixes) if max_len is None else max_len
+  if tok.vocab_size > cfg.llm.vocab_size:
+    raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {cfg.llm.vocab_size}")
+
+  def make_batch(start):
+    # The last batch repeats its last example: fixed shapes (one compilation), and padded rows are
+    # real inputs, so nothing odd (NaN from an all-zero image) can happen in them.
+    idx = [min(i, N - 1) for i in range(start, start + batch_size)]
+    ex = [tok.encode_example(prefixes[i], None, max_len=max_len) for i in idx]
+    image = np.stack([_image(images(i) if callable(images) else images[i], size, i) for i in idx])
+    return (image, np.stack([e["text"] for e in ex]), np.stack([e["mask_input"] for e in ex]),
+            np.arange(start, start + batch_size) < N)
+
+  def launch(batch):
+    image, text, mask_input, valid = batch
+    tokens, _, info = decode.greedy(params, image, text, mask_input, cfg=cfg, max_new_tokens=max_new_tokens,
+                                    eos_id=tok.eos_id, valid_B=valid, cache_dtype=cache_dtype,
+                                    return_logits=False, return_info=True)
+    return tokens, info["num_tokens"], info["hit_eos"], valid
+
+  out, pending = [], None
+  for start in range(0, N, batch_size):
+    # Dispatch is asynchronous: batch k is loaded and launched while batch k-1 still decodes, and
+    # only then are k-1's tokens fetched.
+    running = launch(make_batch(start))
+    if pending is not None:
+      out += _collect(tok, *pending)
+    pending = running
+  if pending is not None:
+    out += _collect(tok, *pending)
+  assert len(out) == N, (len(out), N)
+  return out
+
+
+def _collect(tok, tokens, num_tokens, hit_eos, valid):
+  tokens, num_tokens, hit_eos = jax.device_get((tokens, num_tokens, hit_eos))
+  return [dict(prediction=tok.decode(tokens[b, :num_tokens[b]]), num_tokens=int(num_tokens[b]),
+               hit_eos=bool(hit_eos[b])) for b in np.flatnonzero(valid)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring.
+
+
+def detect_task(row: dict) -> str:
+  """The task of one row from its fields, then its prefix: "answers" -> vqa (an "answer en ..." row with
+  only a suffix is scored by exact match), "references" or "caption ..." -> caption, "detect ..." ->
+  detect, anything else -> exact."""
+  prefix = row.get("prefix", "").lstrip()
+  word = prefix.split(maxsplit=1)[0] if prefix else ""
+  if row.get("answers"):
+    return "vqa"
+  if row.get("references") or word == "caption":
+    return "caption"
+  if word == "detect":
+    return "detect"
+  return "exact"
+
+
+def _reference(row: dict, i: int):
+  """Row i's target for exact match: its suffix, else its list of answers or references."""
+  if isinstance(row.get("suffix"), str):
+    return row["suffix"]
+  for key in ("answers", "references"):
+    if refs := row.get(key):
+      if isinstance(refs, str) or not all(isinstance(r, str) for r in refs):
+        raise ValueError(f"row {i}: {key!r} must be a list of strings, got {refs!r}")
+      return list(refs)
+  raise ValueError(f"row {i} has no target: it needs 'suffix', 'answers' or 'references' (keys: {sorted(row)})")
+
+
+def _check(rows, task) -> list[str]:
+  """Each row's task, after checking that it has what that task is scored against (before any decoding)."""
+  if task is not None and task not in TASKS:
+    raise ValueError(f"unknown task {task!r}: use one of {TASKS} or None")
+  tasks = []
+  for i, r in enumerate(rows):
+    _reference(r, i)
+    tasks.append(task or detect_task(r))
+    if tasks[-1] == "detect" and not isinstance(r.get("suffix"), str):
+      raise ValueError(f"row {i}: detection needs a string 'suffix' holding the target boxes (keys: {sorted(r)})")
+  return tasks
+
+
+def _task_metrics(task: str, rows, preds: list[str]) -> dict:
+  targets = lambda key: [r.get(key) or [r["suffix"]] for r in rows]  # noqa: E731
+  if task == "vqa":
+    return {"accuracy": vqa_accuracy_batch(preds, targets("answers"))}
+  if task == "caption":
+    with warnings.catch_warnings():
+      # The Python tokenizer fallback is reported in the result ("tokenizer"); no need to warn twice.
+      warnings.simplefilter("ignore", UserWarning)
+      return caption_metrics(preds, targets("references"))
+  if task == "detect":
+    return detection_metrics(preds, [r["suffix"] for r in rows])
+  return {}
+
+
+def score(rows, predictions, task: str | None = None) -> dict:
+  """Task metrics of `predictions` (strings or `predict` dicts) against `rows`' targets.
+
+  task None detects it per row (`detect_task`); a dataset mixing tasks gets each task's metrics under
+  "task/name". Always: "exact_match" (against "suffix", else any of the answers/references),
+  "truncated" (predictions without an eos; needs `predict` dicts), "count" and "task".
+  """
+  rows, predictions = list(rows), list(predictions)
+  if len(rows) != len(predictions):
+    raise ValueError(f"{len(rows)} rows but {len(predictions)} predictions")
+  if not rows:
+    raise ValueError("no predictions to score")
+  tasks = _check(rows, task)
+  texts = [p if isinstance(p, str) else p["prediction"] for p in predictions]
+  metrics, groups = {}, Counter(tasks)
+  for t in groups:
+    idx = [i for i, ti in enumerate(tasks) if ti == t]
+    m = _task_metrics(t, [rows[i] for i in idx], [texts[i] for i in idx])
+    metrics.update(m if len(groups) == 1 else {f"{t}/{k}": v for k, v in m.items()})
+  metrics["exact_match"] = exact_match(texts, [_reference(r, i) for i, r in enumerate(rows)])
+  metrics["truncated"] = sum(isinstance(p, dict) and not p.get("hit_eos", True) for p in predictions)
+  metrics["count"] = len(rows)
+  metrics["task"] = tasks[0] if len(groups) == 1 else "mixed"
+  return metrics
+
+
+def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int = 8,
+             max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=jnp.float32) -> dict:
+  """Predicts every row (dicts with "image" path or array, "prefix", and targets "suffix" and/or
+  "answers" (VQA) / "references" (captions)) and scores it. Returns dict(metrics, predictions), the
+  predictions as `predict` gives them plus each row's "prefix"."""
+  rows = list(rows)
+  if not rows:
+    raise ValueError("no rows to evaluate")
+  for i, r in enumerate(rows):
+    if "image" not in r or not isinstance(r.get("prefix"), str):
+      raise ValueError(f"row {i} needs 'image' and a string 'prefix' (keys: {sorted(r)})")
+  _check(rows, task)  # a row without targets fails now, not after the decoding
+  preds = predict(params, cfg, tok, [r["image"] for r in rows], [r["prefix"] for r in rows],
+                  batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype)
+  for r, p in zip(rows, preds):
+    p["prefix"] = r["prefix"]
+  return {"metrics": score(rows, preds, task), "predictions": preds}

@@ -1,0 +1,260 @@
+"""Evaluation: padded batches predict each example once and as if alone; task detection; metric
+dispatch on hand-checkable predictions; <loc> encode/parse round trips and malformed text."""
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import random_params
+from pgjax import config, decode, evaluate
+from pgjax.evaluate import encode_detections, parse_detections
+from pgjax.tokenizer import Tokenizer, make_sentencepiece
+
+PREFIXES = ["caption en", "answer en what is on the mat", "detect cat ; dog", "ocr",
+            "answer en is the big red bird over the house"]  # 5 examples: not a multiple of the batch size
+MAX_NEW = 6
+KW = dict(batch_size=2, max_new_tokens=MAX_NEW)  # one shape for every test here: one compilation
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  rng = random.Random(0)
+  words = "the a cat dog sits on mat red bird over house caption en answer detect what is ocr big".split()
+  texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(200)]
+  tok = Tokenizer(make_sentencepiece(texts, tmp_path_factory.mktemp("tok") / "t.model", vocab_size=300))
+  cfg = config.get("tiny-gemma1-mqa")
+  # The PaliGemma layout (loc and seg pieces at the end) needs a model vocabulary as big as the tokenizer's.
+  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size))
+  params = random_params(cfg, seed=3)
+  # As initialised, the tied embedding makes every row repeat its last prompt token ("\n"), which would
+  # hide a mix-up of rows. Larger attention and MLP outputs give varied text; an eos embedding just
+  # above one loc token's makes some rows stop early and others run to the limit.
+  llm = params["llm"]
+  llm["layers"]["mlp"]["linear"] = llm["layers"]["mlp"]["linear"] * 10
+  llm["layers"]["attn"]["attn_vec_einsum"]["w"] = llm["layers"]["attn"]["attn_vec_einsum"]["w"] * 10
+  e = llm["embedder"]["input_embedding"]
+  llm["embedder"]["input_embedding"] = e.at[tok.eos_id].set(1.01 * e[tok.loc_id(770)])
+  return cfg, params, tok
+
+
+def _images(cfg, n, seed=0):
+  s = cfg.vision.image_size
+  return np.random.default_rng(seed).uniform(-1, 1, (n, s, s, 3)).astype(np.float32)
+
+
+def _alone(cfg, params, tok, image, prefix, max_len):
+  """One example decoded on its own (batch 1). The prompt keeps predict's length so that this compiles
+  once; test_decode checks that right-padding a prompt changes nothing."""
+  ex = tok.encode_example(prefix, None, max_len=max_len)
+  tokens, _, info = decode.greedy(params, image[None], ex["text"][None], ex["mask_input"][None], cfg=cfg,
+                                  max_new_tokens=MAX_NEW, eos_id=tok.eos_id, return_logits=False, return_info=True)
+  k = int(info["num_tokens"][0])
+  return dict(prediction=tok.decode(np.asarray(tokens[0, :k])), num_tokens=k, hit_eos=bool(info["hit_eos"][0]))
+
+
+def test_padded_batches_predict_each_example_once_as_if_alone(model):
+  cfg, params, tok = model
+  images = _images(cfg, len(PREFIXES))
+  before = decode._greedy._cache_size()
+  preds = evaluate.predict(params, cfg, tok, images, PREFIXES, **KW)
+  # Three batches (2, 2, 1 + padding) of one shape: at most one compilation (none if cached already),
+  # and none for another dataset size.
+  assert decode._greedy._cache_size() - before <= 1
+  again = evaluate.predict(params, cfg, tok, images[:3], PREFIXES[:3], max_len=evaluate.prompt_len(tok, PREFIXES), **KW)
+  assert decode._greedy._cache_size() - before <= 1
+  assert again == preds[:3]
+  assert len(preds) == len(PREFIXES)
+  # The model is varied enough for this to mean something: distinct texts, some rows cut at the limit.
+  assert len({p["prediction"] for p in preds}) >= 3 and {p["hit_eos"] for p in preds} == {True, False}
+  max_len = evaluate.prompt_len(tok, PREFIXES)
+  for i, (image, prefix) in enumerate(zip(images, PREFIXES)):
+    assert preds[i] == _alone(cfg, params, tok, image, prefix, max_len), i
+
+
+def test_predict_accepts_paths_uint8_and_a_loader(model, tmp_path):
+  cfg, params, tok = model
+  rng = np.random.default_rng(1)
+  raw = [rng.integers(0, 256, (40 + 10 * i, 70, 3), np.uint8) for i in range(3)]
+  paths = []
+  for i, a in enumerate(raw):
+    paths.append(tmp_path / f"{i}.png")
+    Image.fromarray(a).save(paths[-1])
+  prefixes = PREFIXES[:3]
+  kw = dict(KW, max_len=evaluate.prompt_len(tok, PREFIXES))
+  from_paths = evaluate.predict(params, cfg, tok, [str(p) for p in paths], prefixes, **kw)
+  assert evaluate.predict(params, cfg, tok, raw, prefixes, **kw) == from_paths
+  loaded = []
+  assert evaluate.predict(params, cfg, tok, lambda i: loaded.append(i) or paths[i], prefixes, **kw) == from_paths
+  assert sorted(set(loaded)) == [0, 1, 2]
+  with pytest.raises(ValueError, match=r"example 0: a float image must be preprocessed"):
+    evaluate.predict(params, cfg, tok, np.zeros((3, 8, 8, 3), np.float32), prefixes, **kw)
+  with pytest.raises(ValueError, match="2 images but 3 prefixes"):
+    evaluate.predict(params, cfg, tok, raw[:2], prefixes, **kw)
+
+
+def test_evaluate_end_to_end_counts_truncation(model):
+  cfg, params, tok = model
+  images = _images(cfg, 3, seed=2)
+  rows = [dict(image=images[0], prefix="caption en", suffix="a red bird"),
+          dict(image=images[1], prefix="ocr", suffix="cat"),
+          dict(image=images[2], prefix="answer en what", suffix="dog")]
+  out = evaluate.evaluate(params, cfg, tok, rows, task="exact", max_len=evaluate.prompt_len(tok, PREFIXES), **KW)
+  preds = out["predictions"]
+  assert [p["prefix"] for p in preds] == [r["prefix"] for r in rows]
+  m = out["metrics"]
+  assert m["count"] == 3 and m["task"] == "exact"
+  assert m["truncated"] == sum(not p["hit_eos"] for p in preds)
+  assert m["exact_match"] == sum(p["prediction"] == r["suffix"] for p, r in zip(preds, rows)) / 3
+  with pytest.raises(ValueError, match="row 1 has no target"):  # found before any decoding
+    evaluate.evaluate(params, cfg, tok, [rows[0], dict(image=images[1], prefix="ocr")], **KW)
+
+
+def test_detect_task():
+  assert evaluate.detect_task(dict(prefix="answer en what?", answers=["a", "b"])) == "vqa"
+  assert evaluate.detect_task(dict(prefix="answer en what?", suffix="a")) == "exact"
+  assert evaluate.detect_task(dict(prefix="caption en", suffix="a cat")) == "caption"
+  assert evaluate.detect_task(dict(prefix="describe", references=["a cat"])) == "caption"
+  assert evaluate.detect_task(dict(prefix="detect cat ; dog", suffix="<loc0001> cat")) == "detect"
+  assert evaluate.detect_task(dict(prefix="ocr", suffix="STOP")) == "exact"
+  assert evaluate.detect_task(dict(prefix="detection of things", suffix="x")) == "exact"
+
+
+def test_prompt_for():
+  assert evaluate.prompt_for("caption") == "caption en"
+  assert evaluate.prompt_for("caption", lang="de") == "caption de"
+  assert evaluate.prompt_for("vqa", "what is it?") == "answer en what is it?"
+  assert evaluate.prompt_for("detect", ["cat", "dog"]) == "detect cat ; dog"
+  assert evaluate.prompt_for("detect", "cat") == "detect cat"
+  with pytest.raises(ValueError):
+    evaluate.prompt_for("vqa")
+
+
+def test_score_vqa():
+  rows = [dict(prefix="answer en q", answers=["yes"] * 10), dict(prefix="answer en q", answers=["yes"] * 10),
+          dict(prefix="answer en q", answers=["cat"] * 2 + ["dog"] * 8)]
+  preds = [dict(prediction="yes", hit_eos=True), dict(prediction="no", hit_eos=False),
+           dict(prediction="cat", hit_eos=True)]
+  m = evaluate.score(rows, preds)
+  # 1, 0, and two of ten humans agreeing: 0.6 (official VQAv2 rule).
+  assert m["task"] == "vqa" and m["accuracy"] == pytest.approx((1 + 0 + 0.6) / 3)
+  assert m["exact_match"] == pytest.approx(2 / 3)  # "cat" is one of the acceptable answers
+  assert m["truncated"] == 1 and m["count"] == 3
+  # A single suffix works as a one-answer VQA target when the task is forced.
+  assert evaluate.score([dict(prefix="x", suffix="Two")], ["Two"], task="vqa")["accuracy"] == 1.0
+
+
+def test_score_exact_and_mixed():
+  rows = [dict(prefix="ocr", suffix="a cat"), dict(prefix="ocr", suffix="dog"), dict(prefix="ocr", suffix="cat")]
+  m = evaluate.score(rows, ["a cat", " dog ", "Cat"])
+  assert m == {"exact_match": pytest.approx(2 / 3), "truncated": 0, "count": 3, "task": "exact"}
+  mixed = evaluate.score(rows[:1] + [dict(prefix="answer en q", answers=["yes"] * 3)], ["a cat", "no"])
+  assert mixed["task"] == "mixed" and mixed["vqa/accuracy"] == 0.0 and mixed["exact_match"] == 0.5
+
+
+def test_score_caption():
+  rows = [dict(prefix="caption en", suffix="a red bird flies over the house"),
+          dict(prefix="caption en", references=["two dogs run in green grass"])]
+  m = evaluate.score(rows, ["a red bird flies over the house", "two dogs run in green grass"])
+  # Identical captions with no n-gram shared between the images: BLEU-4 and ROUGE-L are 1, and CIDEr-D is
+  # 10 (cosine 1 for every n, no length penalty, times 10).
+  assert m["task"] == "caption"
+  assert m["bleu4"] == pytest.approx(1.0, abs=1e-6) and m["rouge_l"] == pytest.approx(1.0)
+  assert m["cider"] == pytest.approx(10.0)
+
+
+def test_score_detect():
+  target = "<loc0000><loc0000><loc0511><loc0511> cat ; <loc0512><loc0512><loc1023><loc1023> dog"
+  pred = ("<loc0000><loc0000><loc0511><loc0511> cat ; <loc0010><loc0000><loc0511><loc0511> cat ; "
+          "<loc0000><loc0000><loc0300><loc0300> dog ; <loc0001><loc0002> broken")
+  m = evaluate.score([dict(prefix="detect cat ; dog", suffix=target)], [pred])
+  # cat matched once (its duplicate is a false positive), dog's box is off (IoU < 0.5), one broken group.
+  assert m["task"] == "detect" and m["num_predicted_boxes"] == 3 and m["num_target_boxes"] == 2
+  assert m["precision"] == pytest.approx(1 / 3) and m["recall"] == pytest.approx(1 / 2)
+  assert m["f1"] == pytest.approx(0.4) and m["malformed"] == 1
+  # Labels must agree: the right box with the wrong name is not a hit.
+  m = evaluate.score([dict(prefix="detect cat", suffix=target.split(" ; ")[0])],
+                     ["<loc0000><loc0000><loc0511><loc0511> dog"])
+  assert m["precision"] == 0.0 and m["recall"] == 0.0
+  # Nothing there and nothing predicted is right.
+  m = evaluate.score([dict(prefix="detect cat", suffix="")], [""])
+  assert m["precision"] == 1.0 and m["recall"] == 1.0
+
+
+def test_score_rejects_bad_input():
+  with pytest.raises(ValueError, match="2 rows but 1 predictions"):
+    evaluate.score([dict(prefix="a", suffix="b")] * 2, ["b"])
+  with pytest.raises(ValueError, match="row 1 has no target"):
+    evaluate.score([dict(prefix="a", suffix="b"), dict(prefix="caption en")], ["b", "c"])
+  with pytest.raises(ValueError, match="row 0: 'answers' must be a list of strings"):
+    evaluate.score([dict(prefix="a", answers="yes")], ["yes"])
+  with pytest.raises(ValueError, match="row 0: detection needs a string 'suffix'"):
+    evaluate.score([dict(prefix="detect cat", references=["<loc0001> cat"])], ["x"], task="detect")
+  with pytest.raises(ValueError, match="unknown task 'segment'"):
+    evaluate.score([dict(prefix="a", suffix="b")], ["b"], task="segment")
+
+
+# --- <loc> boxes.
+
+
+def test_encode_detections_literal_yxyx_on_a_non_square_image():
+  # 640 wide, 480 high: y0 120/480*1023 = 255.75 -> 256; x0 0 -> 0; y1 = height -> 1023; x1 320/640 -> 511.5 -> 512
+  # (round half to even); the second box's x1 480/640*1023 = 767.25 -> 767.
+  text = encode_detections([(0, 120, 320, 480), (64, 0, 480, 48)], ["cat", "red car"], 640, 480)
+  assert text == "<loc0256><loc0000><loc1023><loc0512> cat ; <loc0000><loc0102><loc0102><loc0767> red car"
+
+
+def test_parse_detections_edge_bins_and_order():
+  dets = parse_detections("<loc0000><loc0000><loc1023><loc1023> all ; <loc0000><loc1023><loc1023><loc1023> edge",
+                          640, 480)
+  assert dets == [dict(box=(0.0, 0.0, 640.0, 480.0), label="all"), dict(box=(640.0, 0.0, 640.0, 480.0), label="edge")]
+  # y first: bins (y0, x0, y1, x1) = (1023 * .25, 1023 * .5, ...) on a 200 x 100 image.
+  (d,) = parse_detections("<loc0341><loc0682><loc1023><loc1023> bird", 200, 100)
+  assert d["box"] == pytest.approx((682 / 1023 * 200, 341 / 1023 * 100, 200, 100))
+
+
+@pytest.mark.parametrize("width,height", [(640, 480), (300, 1200), (1, 1), (1023, 1023)])
+def test_loc_round_trip(width, height):
+  rng = np.random.default_rng(width + height)
+  a = rng.uniform(0, 1, (20, 2, 2)) * [width, height]
+  boxes = np.concatenate([a.min(1), a.max(1)], axis=1)  # x0 y0 x1 y1
+  boxes[0] = (0, 0, width, height)  # edge bins 0 and 1023
+  labels = [f"thing {i}" for i in range(len(boxes))]
+  dets = parse_detections(encode_detections(boxes, labels, width, height), width, height)
+  assert [d["label"] for d in dets] == labels
+  # Half a bin is the most a coordinate can move.
+  tol = np.array([width, height, width, height]) / 1023 / 2 + 1e-9
+  assert np.all(np.abs(np.array([d["box"] for d in dets]) - boxes) < tol)
+  np.testing.assert_allclose(dets[0]["box"], (0, 0, width, height))
+  # A decoded text encodes back to itself.
+  text = encode_detections([d["box"] for d in dets], labels, width, height)
+  assert parse_detections(text, width, height) == dets
+
+
+def test_encode_detections_clips_and_rejects_bad_input():
+  assert encode_detections([(-5, -5, 700, 500)], ["x"], 640, 480) == "<loc0000><loc0000><loc1023><loc1023> x"
+  assert encode_detections([], [], 640, 480) == ""
+  for boxes, labels in [([(10, 0, 5, 5)], ["x"]), ([(0, 0, 5, 5)], ["a ; b"]), ([(0, 0, 5, 5)], [""]),
+                        ([(0, 0, 5, 5)], ["x", "y"])]:
+    with pytest.raises(ValueError):
+      encode_detections(boxes, labels, 640, 480)
+
+
+def test_parse_detections_tolerates_malformed_groups():
+  text = ("<loc0001><loc0002><loc0003> partial ; <loc0010><loc0020><loc0030><loc0040> dog ; "
+          "<loc1024><loc0000><loc0001><loc0001> too big ; <loc0500><loc0000><loc0100><loc0001> inverted ; "
+          "<loc0001><loc0001><loc0002><loc0002><loc0003> five ; <loc0001><loc0001><loc0002><loc0002>")
+  dets, bad = parse_detections(text, 1023, 1023, return_malformed=True)
+  assert dets == [dict(box=(20.0, 10.0, 40.0, 30.0), label="dog")] and bad == 5
+  assert parse_detections("a cat on a mat", 10, 10, return_malformed=True) == ([], 0)
+  assert parse_detections("", 10, 10) == []
+  # No spaces around ";" or before the label; segmentation tokens between box and label.
+  segs = "".join(f"<seg{i:03d}>" for i in range(16))
+  dets = parse_detections(f"<loc0000><loc0000><loc1023><loc1023>cat;<loc0000><loc0000><loc1023><loc1023> {segs} dog",
+                          10, 10)
+  assert [d["label"] for d in dets] == ["cat", "dog"]
+  # Objects without " ; " between them still split at the next box.
+  dets = parse_detections("<loc0000><loc0000><loc1023><loc1023> cat <loc0000><loc0000><loc0511><loc0511> dog", 10, 10)
+  assert [d["label"] for d in dets] == ["cat", "dog"]

@@ -1,0 +1,146 @@
+"""HTML views: embedded images, escaped text, boxes drawn, the SVG loss curve, and a real browser render."""
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pgjax import viz
+
+RED = (255, 0, 0)
+
+
+def _red(h=64, w=64):
+  a = np.zeros((h, w, 3), np.uint8)
+  a[...] = RED
+  return a
+
+
+def _decode_images(page: str) -> list[np.ndarray]:
+  uris = re.findall(r'<img src="data:image/(?:png|jpeg);base64,([^"]+)"', page)
+  return [np.asarray(Image.open(io.BytesIO(base64.b64decode(u))).convert("RGB")) for u in uris]
+
+
+def test_data_html_embeds_every_image_and_escapes_text(tmp_path):
+  path = tmp_path / "grey.png"
+  Image.fromarray(np.full((30, 50), 128, np.uint8)).save(path)
+  rows = [dict(image=str(path), prefix="caption en <script>alert(1)</script>", suffix="a & b"),
+          dict(image=np.linspace(-1, 1, 56 * 56 * 3, dtype=np.float32).reshape(56, 56, 3), prefix="ocr", suffix="x"),
+          dict(image=_red(), prefix="answer en q", answers=['"yes"', "no"])]
+  page = viz.data_html(rows, title="data <check>")
+  assert page.count('<img src="data:image/') == 3 and len(_decode_images(page)) == 3
+  assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+  assert "a &amp; b" in page and "&quot;yes&quot; | no" in page and "<title>data &lt;check&gt;</title>" in page
+  # The float image went through the [-1, 1] -> [0, 255] mapping: its first pixel is black, last white.
+  grey, ramp, red = _decode_images(page)
+  assert grey.shape == (30, 50, 3) and abs(int(grey[15, 25, 0]) - 128) <= 3
+  assert ramp[0, 0].max() <= 8 and ramp[-1, -1].min() >= 247
+  assert np.abs(red.astype(int) - RED).max() <= 8
+
+
+def test_images_are_shrunk_to_max_side():
+  (im,) = _decode_images(viz.data_html([dict(image=_red(600, 1000), prefix="p", suffix="s")]))
+  assert im.shape == (154, 256, 3)  # aspect kept (600/1000 * 256 = 153.6)
+
+
+def test_predictions_html_marks_right_and_wrong_and_truncation():
+  rows = [dict(image=_red(), prefix="ocr", suffix="cat"), dict(image=_red(), prefix="ocr", suffix="cat"),
+          dict(image=_red(), prefix="answer en q", answers=["two"] * 5 + ["2"] * 5),
+          dict(image=_red(), prefix="caption en"), dict(image=_red(), prefix="caption en", suffix="a red square")]
+  preds = [dict(prediction="cat", hit_eos=True, num_tokens=2), dict(prediction="dog", hit_eos=False, num_tokens=7),
+           "2", "a red square", "red"]
+  page = viz.predictions_html(rows, preds, metrics={"exact_match": 0.25, "truncated": 1})
+  classes = re.findall(r'<div class="card ?([a-z]*)">', page)
+  assert classes == ["ok", "bad", "ok", "", ""]  # no target; a caption is not right or wrong by itself
+  assert "TRUNCATED at 7 tokens (no eos)" in page and "VQA accuracy 1.00" in page
+  assert "<td>exact_match</td><td>0.25</td>" in page
+  with pytest.raises(ValueError, match="2 rows but 1 predictions"):
+    viz.predictions_grid(rows[:2], preds[:1])
+
+
+def test_detections_are_drawn_scaled_to_the_image():
+  # A black 200 x 100 image; one predicted box over its right half: x 100..200, all of y.
+  rows = [dict(image=np.zeros((100, 200, 3), np.uint8), prefix="detect cat",
+               suffix="<loc0000><loc0000><loc1023><loc0511> cat")]
+  page = viz.predictions_html(rows, ["<loc0000><loc0512><loc1023><loc1023> cat"])
+  (im,) = _decode_images(page)
+  near = lambda color: (np.abs(im.astype(int) - color).max(-1) < 60)  # noqa: E731  (JPEG)
+  pred, target = near(viz.PRED_COLOR), near(viz.TARGET_COLOR)
+  assert pred[:, 100:].sum() > 100 and pred[40:60, :95].sum() == 0  # the box is on the right half only
+  assert target[:, :100].sum() > 100 and target[40:60, 105:].sum() == 0
+  assert "boxes: 0 of 1 target(s) matched at IoU 0.5, 1 predicted" in page
+
+
+def test_a_bad_image_does_not_break_the_page(tmp_path):
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"not an image")
+  page = viz.data_html([dict(image=str(bad), prefix="p", suffix="s"), dict(image=str(tmp_path / "missing.png"),
+                                                                          prefix="p", suffix="s")])
+  assert page.count("image unavailable") == 2 and "<img" not in page
+
+
+def test_loss_curve_svg():
+  steps, losses = list(range(0, 50, 2)), [3.0 / (1 + 0.1 * s) for s in range(0, 50, 2)]
+  svg = viz.loss_curve_svg(steps, losses, eval_points={"val": [(10, 1.5), (40, 0.9)]})
+  (points,) = re.findall(r'<polyline[^>]* points="([^"]+)"', svg)
+  assert len(points.split()) == len(losses)
+  xs = [float(p.split(",")[0]) for p in points.split()]
+  assert xs == sorted(xs)  # steps left to right
+  ys = [float(p.split(",")[1]) for p in points.split()]
+  assert ys == sorted(ys)  # a falling loss goes down the screen (SVG y grows downwards)
+  assert svg.count("<circle") == 2 and ">step</text>" in svg and ">loss</text>" in svg
+  assert svg.startswith("<svg") and svg.endswith("</svg>")
+  # A NaN is left out of the line, and said so.
+  svg = viz.loss_curve_svg([0, 1, 2], [1.0, float("nan"), 0.5])
+  (points,) = re.findall(r'points="([^"]+)"', svg)
+  assert len(points.split()) == 2 and "1 non-finite loss value(s) not drawn" in svg
+  assert "<polyline" not in viz.loss_curve_svg([], []) and "no data" in viz.loss_curve_svg([], [])
+  assert len(re.findall(r'points="([^"]+)"', viz.loss_curve_svg([5], [2.0]))[0].split()) == 1
+
+
+def test_ticks_are_round_numbers():
+  assert viz._ticks(0, 10) == [0, 2, 4, 6, 8, 10]
+  assert viz._ticks(0.13, 0.92) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+  assert viz._ticks(1, 1) == [1]
+
+
+def _report(tmp_path):
+  rows = [dict(image=_red(), prefix="caption en <script>", suffix="red")]
+  svg = viz.loss_curve_svg(range(20), np.linspace(3, 1, 20))
+  page = viz.report_html({"out": "<dir>", "steps": 20, "config": {"lr": 0.03}}, svg,
+                         {"before": {"exact_match": 0.0}, "after": {"exact_match": 1.0}},
+                         viz.predictions_grid(rows, ["red"]))
+  return viz.write_html(tmp_path / "sub" / "report.html", page), page
+
+
+def test_report_html_and_atomic_write(tmp_path):
+  path, page = _report(tmp_path)
+  assert open(path, encoding="utf-8").read() == page
+  assert os.listdir(tmp_path / "sub") == ["report.html"]  # no temp file left behind
+  assert "<polyline" in page and page.count('<img src="data:image/') == 1
+  assert "&lt;dir&gt;" in page and "<script>" not in page and "{&quot;lr&quot;: 0.03}" in page
+  assert "<th>before</th><th>after</th>" in page and "<td>exact_match</td><td>0</td><td>1</td>" in page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+  path, _ = _report(tmp_path)
+  shot = tmp_path / "shot.png"
+  cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
+         "file://" + os.path.abspath(path)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+  assert shot.exists(), proc.stderr[-2000:]
+  px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+  assert px.shape[:2] == (1600, 1200) and px.var() > 0
+  # The pure red test image was decoded and drawn: a block of red pixels (shown in a 256 px box).
+  red = (px[..., 0] > 230) & (px[..., 1] < 30) & (px[..., 2] < 30)
+  assert red.sum() > 200 * 200, red.sum()
