@@ -6,6 +6,10 @@ official layout, loadable by `checkpoint.load`), `opt_state.npz` (optimizer stat
 into place, and `checkpoints/LATEST` names the newest complete one (replaced atomically last), so a
 crash mid-save leaves the previous checkpoint intact and current.
 
+Multi-process (jax.distributed): every process runs `fit` alike; a save gathers the sharded params to
+every host (a collective), process 0 alone writes, and all wait for it. `out_dir` must be one folder
+that every process sees (a shared filesystem): all of them read it to resume.
+
 Everything a step depends on is a function of (seed, step): the data order (`batches_from(step)`),
 augmentation and the learning rate (`lr_schedule(step)`, steps counted from 1). So resuming at the
 saved step continues exactly where an uninterrupted run would be, bit for bit.
@@ -23,6 +27,8 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pgjax import checkpoint, train
 from pgjax.config import PaliGemmaConfig
@@ -59,11 +65,31 @@ def _atomic_write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _to_host(tree):
+  """numpy leaves; a leaf with shards on other processes is gathered first (a collective: all processes call it)."""
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                      if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x), tree)
+
+
 def save_checkpoint(out_dir, step: int, trainable, opt_state, state: dict, *, keep: int = 2) -> str:
-  """Writes checkpoint `step` atomically and prunes all but the newest `keep`. Returns its folder."""
+  """Writes checkpoint `step` atomically and prunes all but the newest `keep`. Returns its folder.
+
+  Multi-process: every process must call it (the gather is a collective); process 0 writes, the others
+  wait at a barrier until the checkpoint and LATEST are in place.
+  """
   root = _ckpt_root(out_dir)
-  os.makedirs(root, exist_ok=True)
   name = f"step_{step:06d}"
+  final = os.path.join(root, name)
+  trainable, opt_state = _to_host(trainable), _to_host(opt_state)
+  if jax.process_index() == 0:
+    _write_checkpoint(root, name, trainable, opt_state, {**state, "step": step}, keep)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"pgjax checkpoint {final}")
+  return final
+
+
+def _write_checkpoint(root, name, trainable, opt_state, state, keep):
+  os.makedirs(root, exist_ok=True)
   final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -71,18 +97,18 @@ def save_checkpoint(out_dir, step: int, trainable, opt_state, state: dict, *, ke
   leaves = jax.tree.leaves(opt_state)
   if leaves:
     checkpoint.save(os.path.join(tmp, "opt_state.npz"), {f"{i:04d}": x for i, x in enumerate(leaves)})
-  _atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({**state, "step": step}, indent=1))
+  _atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state, indent=1))
   shutil.rmtree(final, ignore_errors=True)
   os.replace(tmp, final)
   _atomic_write_text(os.path.join(root, "LATEST"), name + "\n")
   done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
   for old in done[:-keep] if keep else []:
     shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-  return final
 
 
 def load_checkpoint(path: str, trainable_like, opt_state_like):
-  """(trainable, opt_state, state) from a checkpoint folder, placed like the given trees."""
+  """(trainable, opt_state, state) from a checkpoint folder, placed like the given trees. Multi-process:
+  every process reads the files (device_put of the same host value to a global sharding)."""
   with open(os.path.join(path, "state.json")) as f:
     state = json.load(f)
   flat_like = checkpoint.flatten(trainable_like)
@@ -99,6 +125,13 @@ def load_checkpoint(path: str, trainable_like, opt_state_like):
   return trainable, jax.tree.unflatten(treedef, leaves), state
 
 
+def _place_opt_state(opt_state, mesh):
+  """Optimizer state on `mesh`: leaves already there keep their sharding (optax builds moments with
+  zeros_like, so they are split like their params); the rest (step counts) are replicated."""
+  on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+  return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, NamedSharding(mesh, P())), opt_state)
+
+
 @dataclasses.dataclass
 class History:
   """Metrics per step (host floats), read one step late; eval results by step."""
@@ -108,30 +141,36 @@ class History:
   grad_norm: list = dataclasses.field(default_factory=list)
   lr: list = dataclasses.field(default_factory=list)
   seconds: list = dataclasses.field(default_factory=list)
+  evals: list = dataclasses.field(default_factory=list)  # (step, result of eval_fn)
 
 
 def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], Iterator[dict]], *, num_steps: int,
         lr_schedule: Callable[[int], float], out_dir=None, optimizer: train.Optimizer = train.Optimizer(),
         clip_norm: float | None = None, accum_steps: int = 1, mesh=None, save_every: int = 0, keep: int = 2,
         resume: bool = True, seed: int = 0, on_step: Callable | None = None, extra_state: dict | None = None,
-        train_step=None):
+        eval_fn: Callable | None = None, eval_every: int = 0, train_step=None):
   """Trains for `num_steps` steps (counted from 1). Returns (trainable, opt_state, history).
 
   batches_from(step) yields the batches for steps step+1, step+2, ... (the data position is the step).
   With out_dir and resume, an existing checkpoint there is restored first and the run continues after
   it. save_every > 0 saves every that many steps and at the end. on_step(step, metrics_dict) is called
-  with host metrics one step late (and may raise to stop the run). A NaN/Inf loss raises Diverged;
+  with host metrics one step late (and may raise to stop the run). eval_fn(step, trainable) runs after
+  every `eval_every` steps (not after the last: callers evaluate the result) on the current params and
+  its result is kept in history.evals. A NaN/Inf loss raises Diverged;
   params are checked finite before every save, so a checkpoint never holds a diverged state.
   """
+  opt_state = optimizer.init(trainable)
+  if mesh is not None:
+    opt_state = _place_opt_state(opt_state, mesh)
   if train_step is None:
     shardings = {}
     if mesh is not None:
       from pgjax import sharding
       shardings = dict(trainable_shardings=sharding.param_shardings(trainable, mesh),
-                       frozen_shardings=sharding.param_shardings(frozen, mesh))
+                       frozen_shardings=sharding.param_shardings(frozen, mesh),
+                       opt_state_shardings=jax.tree.map(lambda x: x.sharding, opt_state))
     train_step = train.make_train_step(cfg, optimizer=optimizer, clip_norm=clip_norm, accum_steps=accum_steps,
                                        mesh=mesh, **shardings)
-  opt_state = optimizer.init(trainable)
   start = 0
   if out_dir is not None and resume and (path := latest(out_dir)) is not None:
     trainable, opt_state, state = load_checkpoint(path, trainable, opt_state)
@@ -172,6 +211,8 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
         report(*pending)
         pending = None
         save(step)
+      if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
+        history.evals.append((step, eval_fn(step, trainable)))
     if pending is not None:
       report(*pending)
   finally:

@@ -116,3 +116,9 @@ def describe(params) -> list[tuple[str, tuple, str, str, int]]:
     spec = str(v.sharding.spec) if isinstance(getattr(v, "sharding", None), NamedSharding) else "-"
     rows.append((k, tuple(v.shape), str(v.dtype), spec, int(np.prod(shard)) * np.dtype(v.dtype).itemsize))
   return rows
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """This process's share of a batch -> global arrays split over "data" (one host or several)."""
+  sh = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
