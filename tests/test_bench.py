@@ -1,0 +1,127 @@
+"""Smoke tests of bench/: each script runs on a tiny config and prints well-formed JSON lines.
+
+Each run is a fresh process (as users run them), so jax and torch imports dominate: marked slow.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+TINY = "tiny-gemma1-mqa"
+
+
+def _has_hf():
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def run(script, *args):
+  """Runs bench/<script> and returns its JSON lines as dicts."""
+  env = dict(os.environ)
+  # conftest's 8 fake devices are for the sharding tests; the benchmarks use one device, as users run them.
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  out = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines, out.stderr[-3000:]
+  records = [json.loads(line) for line in lines]  # every stdout line is one JSON object
+  for r in records:
+    assert r["bench"] == script.removesuffix(".py")
+    assert {"platform", "cpu", "cores"} <= r["machine"].keys() and r["machine"]["cores"] >= 1
+    assert r["device"].startswith("cpu:")
+    assert r["versions"]["jax"] and r["versions"]["jaxlib"] and r["versions"]["numpy"]
+    assert isinstance(r["config"], dict) and r["config"]["name"] == TINY
+  return records
+
+
+def positive(*xs):
+  for x in xs:
+    assert isinstance(x, (int, float)) and math.isfinite(x) and x > 0, x
+
+
+def ratios(r):
+  return {k: v for k, v in r.items() if "ratio" in k}
+
+
+@pytest.mark.slow
+def test_train_step():
+  vs = ["--vs", "hf"] if _has_hf() else []
+  (r,) = run("train_step.py", "--config", TINY, "--reps", "2", "--warmup", "0", "--batch", "2", "--text-len", "16",
+             "--prefix-len", "4", "--breakdown", *vs)
+  assert r["step"]["reps"] == 2
+  positive(r["step"]["median_s"], r["step"]["min_s"], r["first_step_s"], r["compile_s"], r["examples_per_s"],
+           r["text_tokens_per_s"], r["flops_hand_step"], r["flops_xla_hlo"], r["achieved_flops_per_s"],
+           r["peak_flops_per_s"], r["mfu"], r["loss_first_step"])
+  assert r["step"]["min_s"] <= r["step"]["median_s"] <= r["step"]["max_s"]
+  # The hand count of what XLA sees (each scanned layer once) agrees with XLA's own count; XLA also counts
+  # elementwise ops, a few percent on this tiny config.
+  assert 0.95 < r["xla_hlo_vs_hand_scan_once_ratio"] < 1.15
+  assert set(r["breakdown"]) >= {"image_tower_s", "forward_loss_s", "forward_backward_s", "backward_s"}
+  if vs:
+    positive(r["hf"]["median_s"], *ratios(r).values())
+    assert "hf_to_pgjax_step_ratio" in r
+    # Same weights, same batch, same loss: the first-step losses agree to float32 precision.
+    assert r["hf_loss_first_step"] == pytest.approx(r["loss_first_step"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_decode():
+  vs = ["--vs", "hf"] if _has_hf() else []
+  records = run("decode.py", "--config", TINY, "--reps", "2", "--warmup", "0", "--new-tokens", "4",
+                "--batches", "1,2", *vs)
+  assert [r["config"]["batch"] for r in records] == [1, 2]
+  for r in records:
+    positive(r["prefill"]["median_s"], r["greedy"]["median_s"], r["tokens_per_s"], r["greedy_first_s"])
+    assert math.isfinite(r["per_token_s"])  # a difference of two medians: noise can make it tiny or negative
+    if vs:
+      positive(r["hf_generate"]["median_s"], r["hf_to_pgjax_greedy_ratio"], r["hf_to_pgjax_prefill_ratio"])
+      assert r["tokens_match_fraction"] == 1.0
+
+
+@pytest.mark.slow
+def test_memory():
+  records = run("memory.py", "--config", TINY, "--batches", "2", "--text-len", "16", "--remat", "none,full")
+  assert [r["config"]["remat"] for r in records] == ["none", "full"]
+  for r in records:
+    positive(r["argument_bytes"], r["temp_bytes"], r["peak_bytes"], r["compile_s"])
+    assert r["peak_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+    assert r["alias_bytes"] == r["trainable_bytes"]  # the trainable params are donated
+    assert r["argument_bytes"] >= r["trainable_bytes"] + r["frozen_bytes"]
+    assert set(r["fits"]) == {"T4-16GB", "A10G-24GB", "H100-80GB"}
+  none, full = records
+  assert full["temp_bytes"] < none["temp_bytes"]  # remat keeps fewer activations
+
+
+@pytest.mark.slow
+def test_load(tmp_path):
+  records = run("load.py", "--config", TINY, "--path", str(tmp_path))
+  assert [r["config"]["page_cache"] for r in records][1] == "warm"
+  for r in records:
+    positive(r["load_s"], r["peak_rss_bytes"], r["params_bytes"], r["write_s"])
+    assert r["peak_rss_bytes"] >= r["rss_before_bytes"]
+    assert r["num_leaves"] == 32  # tiny Gemma 1 MQA: 32 leaves in the checkpoint layout
+  assert not list(tmp_path.iterdir())  # deleted without --keep
+
+
+def test_flop_count_matches_design():
+  """DESIGN.md: one bench-small attention-only step is about 117 GFLOP (matmuls, 2 per multiply-add)."""
+  sys.path.insert(0, BENCH)
+  try:
+    import train_step
+  finally:
+    sys.path.remove(BENCH)
+  from pgjax import config
+  flops = train_step.matmul_flops(config.get("bench-small"), batch=4, text_len=64)
+  assert flops["step"] / 1e9 == pytest.approx(117, abs=1.5)
