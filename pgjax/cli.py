@@ -1,75 +1,391 @@
-"""The `pgjax` command: `predict` (images + prompt -> text) and `inspect` (a checkpoint's param tree)."""
+"""The `pgjax` command.
+
+  pgjax finetune   train (seed recipe by default), evaluate before/after, write checkpoints, metrics.jsonl,
+                   summary.json and report.html; with no data flags it runs the embedded easy-vqa demo
+  pgjax eval       decode a JSONL with a checkpoint and score it (+ an HTML view)
+  pgjax predict    images + prompt -> text (boxes drawn for detect prompts with --html)
+  pgjax show-data  a JSONL as an HTML sanity view, with token-length statistics
+  pgjax inspect    a checkpoint's param tree: shapes, dtypes, counts, inferred config and shardings
+
+Exit codes: 0 ok, 2 bad flags or input (the message names the file, line or key), 3 training diverged.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+import time
 
 import numpy as np
 
 
-def _add_model_args(p):
-  p.add_argument("--checkpoint", required=True, help="an npz in the big_vision layout (or its .part0)")
-  p.add_argument("--config", default=None, help="a preset name; default: inferred from the checkpoint's shapes")
+class _Progress:
+  """tqdm when installed and stderr is a terminal or forced; otherwise nothing."""
+
+  def __init__(self, total, desc):
+    try:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+    except ImportError:
+      self.bar = None
+
+  def update(self, n=1, **postfix):
+    if self.bar is not None:
+      self.bar.update(n)
+      if postfix:
+        self.bar.set_postfix(postfix, refresh=False)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
 
 
-def _config(args):
-  from pgjax import checkpoint, config
-  return config.get(args.config) if args.config else checkpoint.infer_config(args.checkpoint)
+# ----------------------------------------------------------------------------------------- model args
 
 
-def cmd_inspect(args) -> int:
-  from pgjax import checkpoint
-  shapes = checkpoint.read_shapes(args.checkpoint)
-  total = 0
-  for key, (shape, dtype) in sorted(shapes.items()):
-    n = int(np.prod(shape, dtype=np.int64))
-    total += n
-    print(f"{key:72s} {str(tuple(shape)):28s} {str(dtype):9s} {n:>14,d}")
-  print(f"{len(shapes)} leaves, {total:,d} parameters")
+def _add_model_args(p, required=False):
+  p.add_argument("--checkpoint", required=required, help="an npz in the big_vision layout (or its .part0); "
+                 "default: the embedded demo checkpoint")
+  p.add_argument("--tokenizer", help="SentencePiece model (paligemma_tokenizer.model); default: the demo's")
+  p.add_argument("--config", default=None, help="a preset name (default: inferred from the checkpoint's shapes)")
+
+
+def _model(args, dtype=None):
+  """(cfg, tokenizer, checkpoint path) from the flags, the demo's when no checkpoint is given."""
+  from pgjax import checkpoint, config, demo, tokenizer
+  if args.checkpoint is None:
+    ckpt, tok_path, cfg = os.path.join(demo.DEMO_DIR, "demo.npz"), os.path.join(demo.DEMO_DIR, "tokenizer.model"), \
+        demo.load_config()
+    tok_path = args.tokenizer or tok_path
+  else:
+    if args.tokenizer is None:
+      raise ValueError("--tokenizer is required with --checkpoint (e.g. weights/paligemma_tokenizer.model)")
+    ckpt, tok_path = args.checkpoint, args.tokenizer
+    cfg = config.get(args.config) if args.config else checkpoint.infer_config(ckpt)
+  tok = tokenizer.Tokenizer(tok_path)
+  if tok.vocab_size > cfg.llm.vocab_size:
+    raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, more than the model's {cfg.llm.vocab_size}")
+  return cfg, tok, ckpt
+
+
+def _rows(path, image_dir, skip_bad, what):
+  from pgjax import data
+  rows = data.read_jsonl(path, image_dir=image_dir, skip_bad=skip_bad)
+  for source, reason in rows.skipped:
+    print(f"skipped {source}: {reason}", file=sys.stderr)
+  if rows.skipped:
+    print(f"{what}: skipped {len(rows.skipped)} bad row(s) of {path}", file=sys.stderr)
+  return rows
+
+
+# --------------------------------------------------------------------------------------------- finetune
+
+
+def _demo_defaults(args):
+  """The embedded demo: easy-vqa questions, the demo checkpoint, settings measured to meet its target."""
+  from pgjax import demo
+  defaults = dict(steps=2400, batch_size=32, lr=2.0, clip=1.0, max_len=16, max_new_tokens=4, eval_every=400,
+                  eval_examples=512, task="vqa", schedule="cosine", warmup=0.05)
+  for k, v in defaults.items():
+    if getattr(args, k) is None:
+      setattr(args, k, v)
+  return demo.questions("train"), demo.questions("test")
+
+
+def cmd_finetune(args) -> int:
+  import jax
+  import jax.numpy as jnp
+  from pgjax import checkpoint, data, evaluate, loop, sharding, train, viz
+
+  if args.distributed:
+    jax.distributed.initialize()  # coordinator, process count and id from the standard environment
+  is_demo = args.train is None
+  if is_demo:
+    if args.checkpoint is not None:
+      raise ValueError("--train is required when fine-tuning your own --checkpoint")
+    train_rows, val_rows = _demo_defaults(args)
+  else:
+    train_rows = _rows(args.train, args.image_dir, args.skip_bad, "train")
+    val_rows = _rows(args.val, args.image_dir, args.skip_bad, "val") if args.val else []
+  if args.val_limit:
+    val_rows = val_rows[:args.val_limit]
+  for k, v in dict(steps=100, batch_size=8, lr=0.03, max_len=128, max_new_tokens=32, eval_every=0,
+                   eval_examples=64, schedule="cosine", warmup=0.1).items():
+    if getattr(args, k) is None:
+      setattr(args, k, v)
+
+  cfg, tok, ckpt = _model(args)
+  cfg = dataclasses.replace(cfg, remat=args.remat)
+  if cfg.llm.final_logits_softcap and not args.keep_final_softcap:
+    # big_vision's fine-tuning recipes set Gemma 2's final soft cap to 0 ("better for transfer").
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, final_logits_softcap=0.0))
+  out = args.out or os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S"))
+  os.makedirs(out, exist_ok=True)
+  predicate = train.make_predicate(args.trainable)
+  frozen_dtype = jnp.dtype(args.frozen_dtype)
+  mesh = sharding.make_mesh(model=args.model_parallel)
+  print(f"pgjax finetune: {'demo (easy-vqa), ' if is_demo else ''}{len(train_rows)} train / {len(val_rows)} val "
+        f"examples; {jax.device_count()} device(s) {dict(mesh.shape)}; frozen params {frozen_dtype}, trainable "
+        f"float32; out {out}", flush=True)
+
+  t0 = time.time()
+  params = checkpoint.load(ckpt, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
+                           sharding=sharding.leaf_sharding(mesh))
+  trainable, frozen = train.split(params, predicate, frozen_dtype=frozen_dtype)
+  del params
+  n_train = sum(x.size for x in jax.tree.leaves(trainable))
+  n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
+  print(f"loaded {ckpt} in {time.time() - t0:.1f}s: {n_train:,} of {n_all:,} params train", flush=True)
+
+  eval_kw = dict(task=args.task, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
+  val_subset = val_rows[:args.eval_examples] if args.eval_examples else val_rows
+
+  def run_eval(rows, label, trainable):
+    if not rows:
+      return None
+    t = time.time()
+    res = evaluate.evaluate(train.merge(trainable, frozen), cfg, tok, rows, **eval_kw)
+    res["metrics"]["seconds"] = round(time.time() - t, 1)
+    main = {k: v for k, v in res["metrics"].items() if isinstance(v, float)}
+    print(f"eval {label} ({len(rows)} examples): {json.dumps(main)}", flush=True)
+    return res
+
+  # A resumed run appends to its log; a fresh one starts it anew.
+  resuming = not args.no_resume and loop.latest(out) is not None
+  metrics_log = open(os.path.join(out, "metrics.jsonl"), "a" if resuming else "w")
+
+  def log(record):
+    metrics_log.write(json.dumps(record) + "\n")
+    metrics_log.flush()
+
+  before = run_eval(val_rows, "before", trainable)
+  if before:
+    log({"step": 0, "eval": before["metrics"]})
+  schedule = train.schedule(args.schedule, args.lr, args.steps, args.warmup)
+  bar = _Progress(args.steps, "train")
+  eval_points = []
+
+  def on_step(step, m):
+    log({"step": step, **m})
+    bar.update(1, loss=f"{m['loss']:.4f}")
+
+  def eval_fn(step, current):
+    res = run_eval(val_subset, f"step {step}", current)
+    if res:
+      log({"step": step, "eval": res["metrics"]})
+      eval_points.append((step, res["metrics"].get("accuracy", res["metrics"]["exact_match"])))
+
+  batches = lambda start: (sharding.shard_batch(b, mesh) for b in data.train_batches(
+      train_rows, tok, batch_size=args.batch_size, size=cfg.vision.image_size, max_len=args.max_len, seed=args.seed,
+      start_step=start, truncate=args.truncate))
+  optimizer = train.Optimizer(name=args.optimizer, weight_decay=args.weight_decay)
+  t_train = time.time()
   try:
-    cfg = checkpoint.infer_config(args.checkpoint)
-    print(f"config: {cfg}")
-  except ValueError as e:
-    print(f"config: not inferred ({e})")
+    trainable, _, history = loop.fit(
+        cfg, trainable, frozen, batches, num_steps=args.steps, lr_schedule=schedule, out_dir=out,
+        optimizer=optimizer, clip_norm=args.clip, accum_steps=args.accum, mesh=mesh,
+        save_every=args.save_every or args.steps, resume=not args.no_resume, seed=args.seed, on_step=on_step,
+        eval_fn=eval_fn if val_subset else None, eval_every=args.eval_every,
+        extra_state={"checkpoint": ckpt, "trainable": str(args.trainable or "llm/layers/attn/.*")})
+  except loop.Diverged as e:
+    print(f"pgjax finetune: {e}", file=sys.stderr)
+    return 3
+  finally:
+    bar.close()
+  train_seconds = time.time() - t_train
+  after = run_eval(val_rows, "after", trainable)
+  if after:
+    log({"step": args.steps, "eval": after["metrics"]})
+  metrics_log.close()
+  if args.save_full:
+    checkpoint.save(os.path.join(out, "final.npz"), train.merge(trainable, frozen))
+
+  summary = {
+      "demo": is_demo, "checkpoint": ckpt, "train_examples": len(train_rows), "val_examples": len(val_rows),
+      "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
+      "optimizer": args.optimizer, "trainable_params": n_train, "total_params": n_all,
+      "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / max(len(history.steps), 1), 4),
+      "final_loss": history.loss[-1] if history.loss else None, "devices": jax.device_count(),
+      "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
+      "config": dataclasses.asdict(cfg),
+  }
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  shown = {k: v for k, v in summary.items() if k not in ("config", "before", "after")}
+  grid = viz.predictions_grid(val_rows[:args.report_examples], after["predictions"][:args.report_examples]) if after else ""
+  table = {name: {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))}
+           for name, res in (("before", before), ("after", after)) if res}
+  viz.write_html(os.path.join(out, "report.html"), viz.report_html(
+      shown, viz.loss_curve_svg(history.steps, history.loss, {"val": eval_points} if eval_points else None),
+      table, grid, title=f"pgjax fine-tuning report: {out}"))
+  print(f"done in {time.time() - t0:.0f}s. Outputs in {out}: summary.json, metrics.jsonl, report.html, "
+        f"checkpoints/{', final.npz' if args.save_full else ''}")
+  return 0
+
+
+# ------------------------------------------------------------------------------------- other commands
+
+
+def cmd_eval(args) -> int:
+  import jax.numpy as jnp
+  from pgjax import checkpoint, evaluate, viz
+  cfg, tok, ckpt = _model(args)
+  rows = _rows(args.data, args.image_dir, args.skip_bad, "eval")
+  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype))
+  res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens)
+  print(json.dumps(res["metrics"], indent=1))
+  if args.html:
+    viz.write_html(args.html, viz.predictions_html(rows, res["predictions"], metrics=res["metrics"]))
+  if args.predictions:
+    with open(args.predictions, "w") as f:
+      for r, p in zip(rows, res["predictions"]):
+        f.write(json.dumps({"source": r.get("_source"), **p}) + "\n")
   return 0
 
 
 def cmd_predict(args) -> int:
   import jax.numpy as jnp
-  from pgjax import checkpoint, data, decode, tokenizer
-  cfg = _config(args)
-  tok = tokenizer.Tokenizer(args.tokenizer)
-  params = checkpoint.load(args.checkpoint, cfg, dtype=jnp.dtype(args.dtype))
-  images = np.stack([data.load_image(p, cfg.vision.image_size) for p in args.image])
-  prompts = [tok.encode_example(args.prompt, max_len=args.max_prompt_len) for _ in args.image]
-  tokens, _ = decode.greedy(params, images, np.stack([p["text"] for p in prompts]),
-                            np.stack([p["mask_input"] for p in prompts]), cfg=cfg,
-                            max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id, return_logits=False)
-  for path, row in zip(args.image, np.asarray(tokens)):
-    print(f"{path}\t{tok.decode(row)}")
+  from pgjax import checkpoint, evaluate, viz
+  cfg, tok, ckpt = _model(args)
+  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype))
+  preds = evaluate.predict(params, cfg, tok, args.image, [args.prompt] * len(args.image),
+                           batch_size=min(8, len(args.image)), max_new_tokens=args.max_new_tokens)
+  for path, p in zip(args.image, preds):
+    print(f"{path}\t{p['prediction']}" + ("" if p["hit_eos"] else "\t(cut at --max-new-tokens)"))
+  if args.html:  # detect prompts get their <loc> boxes drawn on the images
+    rows = [{"image": path, "prefix": args.prompt} for path in args.image]
+    viz.write_html(args.html, viz.predictions_html(rows, preds))
   return 0
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="pgjax", description=__doc__)
+def cmd_show_data(args) -> int:
+  from pgjax import data, viz
+  rows = _rows(args.data, args.image_dir, True, "show-data")
+  if args.tokenizer:
+    from pgjax import tokenizer
+    print(data.format_stats(data.stats(rows, tokenizer.Tokenizer(args.tokenizer), args.max_len)))
+  viz.write_html(args.html, viz.data_html(rows[:args.limit], title=f"pgjax data: {args.data}"))
+  print(f"{len(rows)} rows ({len(rows.skipped)} bad, skipped); view: {args.html}")
+  return 0
+
+
+def cmd_inspect(args) -> int:
+  import jax
+  from pgjax import checkpoint, sharding
+  shapes = checkpoint.read_shapes(args.checkpoint)
+  try:
+    cfg = checkpoint.infer_config(args.checkpoint)
+  except ValueError as e:
+    cfg, why = None, e
+  mesh = sharding.make_mesh(model=args.model_parallel)
+  total = 0
+  print(f"{'key':70s} {'shape':24s} {'dtype':9s} {'params':>13s} {'spec':32s} per-device")
+  for key, (shape, dtype) in sorted(shapes.items()):
+    n = int(np.prod(shape, dtype=np.int64))
+    total += n
+    try:
+      spec = sharding.spec_for(key, shape, mesh)
+      shard = jax.sharding.NamedSharding(mesh, spec).shard_shape(tuple(shape))
+      per_dev = f"{int(np.prod(shard)) * np.dtype(dtype).itemsize:,d} B"
+    except sharding.ShardingError as e:
+      spec, per_dev = "-", f"({e})"
+    print(f"{key:70s} {str(tuple(shape)):24s} {str(dtype):9s} {n:>13,d} {str(spec):32s} {per_dev}")
+  print(f"{len(shapes)} leaves, {total:,d} parameters; mesh {dict(mesh.shape)} over {jax.device_count()} device(s)")
+  print(f"config: {cfg}" if cfg else f"config: not inferred ({why})")
+  return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog="pgjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("inspect", help="list a checkpoint's leaves, shapes, dtypes and inferred config")
-  p.add_argument("checkpoint")
-  p.set_defaults(fn=cmd_inspect)
+
+  p = sub.add_parser("finetune", help="fine-tune (no data flags: the embedded demo)")
+  _add_model_args(p)
+  p.add_argument("--out", help="output folder (default runs/finetune-DATE-TIME)")
+  p.add_argument("--train", help="training JSONL of {image, prefix, suffix}")
+  p.add_argument("--val", help="validation JSONL (suffix, or answers for VQA)")
+  p.add_argument("--image-dir", help="resolve image paths against this folder instead of the JSONL's")
+  p.add_argument("--skip-bad", action="store_true", help="skip (and report) malformed rows instead of failing")
+  p.add_argument("--steps", type=int)
+  p.add_argument("--batch-size", type=int)
+  p.add_argument("--lr", type=float)
+  p.add_argument("--schedule", choices=("cosine", "linear", "constant"))
+  p.add_argument("--warmup", type=float, help="warmup fraction of the steps")
+  p.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adamw"))
+  p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--clip", type=float, default=None, help="clip the gradient's global norm")
+  p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
+  p.add_argument("--trainable", nargs="+", help="regexes of trainable params (default llm/layers/attn/.*)")
+  p.add_argument("--frozen-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+  p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  p.add_argument("--max-len", type=int, help="token sequence length (prefix + suffix + eos)")
+  p.add_argument("--truncate", default="error", choices=("error", "keep_eos"))
+  p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"), help="eval metric (default: from the data)")
+  p.add_argument("--max-new-tokens", type=int)
+  p.add_argument("--eval-every", type=int, help="evaluate on --eval-examples val rows every N steps")
+  p.add_argument("--eval-examples", type=int, help="val rows for the evaluations during training")
+  p.add_argument("--val-limit", type=int, help="use only the first N val rows (before/after evaluation too)")
+  p.add_argument("--eval-batch-size", type=int, default=64)
+  p.add_argument("--report-examples", type=int, default=24)
+  p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+  p.add_argument("--save-full", action="store_true", help="also write the merged params as final.npz")
+  p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--model-parallel", type=int, default=1, help="devices per model group (2-D mesh)")
+  p.add_argument("--keep-final-softcap", action="store_true", help="keep Gemma 2's final logit soft cap")
+  p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() from the environment")
+  p.set_defaults(fn=cmd_finetune)
+
+  p = sub.add_parser("eval", help="decode a JSONL and score it")
+  _add_model_args(p)
+  p.add_argument("--data", required=True)
+  p.add_argument("--image-dir")
+  p.add_argument("--skip-bad", action="store_true")
+  p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"))
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--html", help="write an HTML view of the predictions here")
+  p.add_argument("--predictions", help="write the predictions as JSONL here")
+  p.set_defaults(fn=cmd_eval)
+
   p = sub.add_parser("predict", help="greedy-decode a prompt for each image")
   _add_model_args(p)
-  p.add_argument("--tokenizer", required=True)
   p.add_argument("--image", nargs="+", required=True)
-  p.add_argument("--prompt", required=True, help='the prefix, e.g. "caption en" or "answer en what is this?"')
+  p.add_argument("--prompt", required=True, help='the prefix, e.g. "caption en" or "detect cat ; dog"')
   p.add_argument("--max-new-tokens", type=int, default=32)
-  p.add_argument("--max-prompt-len", type=int, default=64)
   p.add_argument("--dtype", default="float32", help="params dtype (float32, float16, bfloat16)")
+  p.add_argument("--html", help="write an HTML view (with <loc> boxes drawn) here")
   p.set_defaults(fn=cmd_predict)
-  args = parser.parse_args(argv)
+
+  p = sub.add_parser("show-data", help="an HTML sanity view of a JSONL")
+  p.add_argument("data")
+  p.add_argument("--image-dir")
+  p.add_argument("--tokenizer", help="also print token-length statistics")
+  p.add_argument("--max-len", type=int, default=128)
+  p.add_argument("--limit", type=int, default=100)
+  p.add_argument("--html", default="data.html")
+  p.set_defaults(fn=cmd_show_data)
+
+  p = sub.add_parser("inspect", help="list a checkpoint's leaves, shapes, dtypes, counts and shardings")
+  p.add_argument("checkpoint")
+  p.add_argument("--model-parallel", type=int, default=1)
+  p.set_defaults(fn=cmd_inspect)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
   try:
     return args.fn(args)
-  except (FileNotFoundError, ValueError, KeyError) as e:
+  except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
     print(f"pgjax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -281,5 +281,6 @@ def make_sentencepiece(texts: Iterable[str], path, vocab_size: int, *, model_typ
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
   with os.fdopen(fd, "wb") as f:
     f.write(proto)
+  os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a tokenizer is meant to be shared
   os.replace(tmp, path)
   return path

@@ -47,3 +47,18 @@ def prefix_lm_batch(cfg, lengths, seq_len, seed=0):
   s = cfg.vision.image_size
   image = rng.uniform(-1, 1, (B, s, s, 3)).astype(np.float32)
   return dict(image=image, text=text, mask_ar=mask_ar, mask_loss=mask_loss, mask_input=mask_input)
+
+
+def screenshot(html_path, png_path, size=(1200, 1600)):
+  """Renders a local HTML file in headless Chromium; returns the screenshot as an RGB uint8 array."""
+  import os
+  import subprocess
+  from PIL import Image
+  png_path = str(png_path)
+  cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={png_path}.profile", f"--screenshot={png_path}", f"--window-size={size[0]},{size[1]}",
+         "file://" + os.path.abspath(html_path)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+  assert os.path.exists(png_path), proc.stderr[-2000:]
+  return np.asarray(Image.open(png_path).convert("RGB"))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import screenshot
 from pgjax import viz
 
 RED = (255, 0, 0)
@@ -132,14 +133,7 @@ def test_report_html_and_atomic_write(tmp_path):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
   path, _ = _report(tmp_path)
-  shot = tmp_path / "shot.png"
-  cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-         "file://" + os.path.abspath(path)]
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-  assert shot.exists(), proc.stderr[-2000:]
-  px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+  px = screenshot(path, tmp_path / "shot.png").astype(int)
   assert px.shape[:2] == (1600, 1200) and px.var() > 0
   # The pure red test image was decoded and drawn: a block of red pixels (shown in a 256 px box).
   red = (px[..., 0] > 230) & (px[..., 1] < 30) & (px[..., 2] < 30)
