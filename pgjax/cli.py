@@ -87,7 +87,7 @@ def _rows(path, image_dir, skip_bad, what):
 def _demo_defaults(args):
   """The embedded demo: easy-vqa questions, the demo checkpoint, settings measured to meet its target."""
   from pgjax import demo
-  defaults = dict(steps=2400, batch_size=32, lr=2.0, clip=1.0, max_len=16, max_new_tokens=4, eval_every=400,
+  defaults = dict(steps=1200, batch_size=32, lr=2.0, clip=1.0, max_len=16, max_new_tokens=4, eval_every=400,
                   eval_examples=512, task="vqa", schedule="cosine", warmup=0.05)
   for k, v in defaults.items():
     if getattr(args, k) is None:
@@ -202,6 +202,11 @@ def cmd_finetune(args) -> int:
   metrics_log.close()
   if args.save_full:
     checkpoint.save(os.path.join(out, "final.npz"), train.merge(trainable, frozen))
+  if args.safetensors:  # the same trees, pgjax keys ("/"-joined), for tools that read safetensors
+    from pgjax import hf
+    hf.save_safetensors(os.path.join(out, "final_trainable.safetensors"), trainable)
+    if args.save_full:
+      hf.save_safetensors(os.path.join(out, "final.safetensors"), train.merge(trainable, frozen))
 
   summary = {
       "demo": is_demo, "checkpoint": ckpt, "train_examples": len(train_rows), "val_examples": len(val_rows),
@@ -336,6 +341,8 @@ def _parser():
   p.add_argument("--report-examples", type=int, default=24)
   p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
   p.add_argument("--save-full", action="store_true", help="also write the merged params as final.npz")
+  p.add_argument("--safetensors", action="store_true",
+                 help="also write final_trainable.safetensors (and final.safetensors with --save-full)")
   p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--model-parallel", type=int, default=1, help="devices per model group (2-D mesh)")

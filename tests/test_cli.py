@@ -15,7 +15,7 @@ from pgjax import checkpoint, cli, loop
 def demo_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("run")
   code = cli.main(["finetune", "--out", str(out), "--steps", "4", "--val-limit", "24", "--eval-every", "2",
-                   "--eval-examples", "8", "--save-full", "--report-examples", "8"])
+                   "--eval-examples", "8", "--save-full", "--safetensors", "--report-examples", "8"])
   assert code == 0
   return out
 
@@ -39,6 +39,10 @@ def test_demo_finetune_writes_every_output(demo_run):
   assert set(part) == {k for k in full if k.startswith("llm/layers/attn/")}
   for k in part:
     np.testing.assert_array_equal(np.asarray(part[k]), np.asarray(full[k]))
+  from pgjax import hf
+  st = hf.load_safetensors(out / "final_trainable.safetensors")
+  assert set(st) == set(part) and all(np.array_equal(st[k], np.asarray(part[k])) for k in part)
+  assert set(hf.load_safetensors(out / "final.safetensors")) == set(full)
 
 
 @pytest.mark.slow
