@@ -272,7 +272,8 @@ def _is_dtype_function(dtype) -> bool:
     return callable(dtype)
 
 
-def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sharding=None, check: bool = True) -> dict:
+def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sharding=None, check: bool = True,
+         progress=None) -> dict:
   """Loads an npz checkpoint into a nested dict of jax arrays, leaf by leaf.
 
   path: `file.npz`, or a file shipped as `file.npz.part0`, `.part1`, ... (pass either name).
@@ -282,13 +283,14 @@ def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sha
     chooses per leaf (e.g. trainable float32, frozen float16 straight from the file).
   sharding: None puts leaves on the default device; a callable (path, shape, dtype) -> jax.sharding.Sharding
     places each leaf with make_array_from_callback (each process reads the leaf and keeps its own shards).
+  progress: None, or called as progress(bytes_done, bytes_total) after each leaf (file bytes, for a progress bar).
   """
   pick_dtype = dtype if _is_dtype_function(dtype) else (lambda key, file_dtype: dtype)
   with _open_zip(path) as zf:
     members = _members(zf, path)
     if cfg is not None and check:
       _check(path, {k: shape for k, (_, shape, _) in members.items()}, manifest(cfg))
-    flat = {}
+    flat, done, total = {}, 0, sum(info.file_size for info, _, _ in members.values())
     for key, (info, _, file_dtype) in members.items():
       target = pick_dtype(key, file_dtype)
       arr = _read(zf, info, path, key)
@@ -301,6 +303,9 @@ def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sha
       # Transfers are asynchronous: wait, so the host copy goes before the next leaf is read.
       flat[key] = leaf.block_until_ready()
       del arr
+      done += info.file_size
+      if progress is not None:
+        progress(done, total)
   return unflatten(flat)
 
 

@@ -43,6 +43,25 @@ class _Progress:
       self.bar.close()
 
 
+def _bar(desc, scale=1, unit="it"):
+  """A progress(done, total) callback for checkpoint.load and evaluate: a bar made on the first call,
+  closed when done reaches total (scale divides both, e.g. bytes -> MB)."""
+  state = {}
+
+  def progress(done, total):
+    if "bar" not in state:
+      state["bar"] = _Progress(total // scale, desc)
+      if state["bar"].bar is not None:
+        state["bar"].bar.unit = unit
+      state["n"] = 0
+    n = done // scale
+    state["bar"].update(n - state["n"])
+    state["n"] = n
+    if done >= total:
+      state["bar"].close()
+  return progress
+
+
 # ----------------------------------------------------------------------------------------- model args
 
 
@@ -133,7 +152,7 @@ def cmd_finetune(args) -> int:
 
   t0 = time.time()
   params = checkpoint.load(ckpt, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
-                           sharding=sharding.leaf_sharding(mesh))
+                           sharding=sharding.leaf_sharding(mesh), progress=_bar("load", 2**20, "MB"))
   trainable, frozen = train.split(params, predicate, frozen_dtype=frozen_dtype)
   del params
   n_train = sum(x.size for x in jax.tree.leaves(trainable))
@@ -147,7 +166,8 @@ def cmd_finetune(args) -> int:
     if not rows:
       return None
     t = time.time()
-    res = evaluate.evaluate(train.merge(trainable, frozen), cfg, tok, rows, **eval_kw)
+    res = evaluate.evaluate(train.merge(trainable, frozen), cfg, tok, rows, **eval_kw,
+                            progress=_bar(f"eval {label}", unit="ex"))
     res["metrics"]["seconds"] = round(time.time() - t, 1)
     main = {k: v for k, v in res["metrics"].items() if isinstance(v, float)}
     print(f"eval {label} ({len(rows)} examples): {json.dumps(main)}", flush=True)
@@ -239,9 +259,9 @@ def cmd_eval(args) -> int:
   from pgjax import checkpoint, evaluate, viz
   cfg, tok, ckpt = _model(args)
   rows = _rows(args.data, args.image_dir, args.skip_bad, "eval")
-  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype))
+  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=_bar("load", 2**20, "MB"))
   res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens)
+                          max_new_tokens=args.max_new_tokens, progress=_bar("eval", unit="ex"))
   print(json.dumps(res["metrics"], indent=1))
   if args.html:
     viz.write_html(args.html, viz.predictions_html(rows, res["predictions"], metrics=res["metrics"]))
@@ -256,9 +276,10 @@ def cmd_predict(args) -> int:
   import jax.numpy as jnp
   from pgjax import checkpoint, evaluate, viz
   cfg, tok, ckpt = _model(args)
-  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype))
+  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=_bar("load", 2**20, "MB"))
   preds = evaluate.predict(params, cfg, tok, args.image, [args.prompt] * len(args.image),
-                           batch_size=min(8, len(args.image)), max_new_tokens=args.max_new_tokens)
+                           batch_size=min(8, len(args.image)), max_new_tokens=args.max_new_tokens,
+                           progress=_bar("predict", unit="ex"))
   for path, p in zip(args.image, preds):
     print(f"{path}\t{p['prediction']}" + ("" if p["hit_eos"] else "\t(cut at --max-new-tokens)"))
   if args.html:  # detect prompts get their <loc> boxes drawn on the images

@@ -176,7 +176,7 @@ def prompt_len(tok, prefixes) -> int:
 
 
 def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len: int | None = None,
-            max_new_tokens: int = 64, cache_dtype=jnp.float32) -> list[dict]:
+            max_new_tokens: int = 64, cache_dtype=jnp.float32, progress=None) -> list[dict]:
   """Greedy predictions for every (image, prefix), in order, each exactly once.
 
   images: an array [N, H, W, 3] (float in [-1, 1] at the model's size, or uint8 of any size), a
@@ -184,6 +184,7 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   max_len: prompt length in tokens (None: `prompt_len` of these prefixes).
   Returns [dict(prediction, num_tokens, hit_eos)] with num_tokens counting the eos when there is one;
   hit_eos False means the text was cut at max_new_tokens.
+  progress: None, or called as progress(examples_done, N) as each batch's tokens arrive.
   """
   prefixes = list(prefixes)
   N, size = len(prefixes), cfg.vision.image_size
@@ -218,9 +219,13 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
     running = launch(make_batch(start))
     if pending is not None:
       out += _collect(tok, *pending)
+      if progress is not None:
+        progress(len(out), N)
     pending = running
   if pending is not None:
     out += _collect(tok, *pending)
+    if progress is not None:
+      progress(len(out), N)
   assert len(out) == N, (len(out), N)
   return out
 
@@ -316,10 +321,10 @@ def score(rows, predictions, task: str | None = None) -> dict:
 
 
 def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int = 8,
-             max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=jnp.float32) -> dict:
+             max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=jnp.float32, progress=None) -> dict:
   """Predicts every row (dicts with "image" path or array, "prefix", and targets "suffix" and/or
   "answers" (VQA) / "references" (captions)) and scores it. Returns dict(metrics, predictions), the
-  predictions as `predict` gives them plus each row's "prefix"."""
+  predictions as `predict` gives them plus each row's "prefix". progress: as in `predict`."""
   rows = list(rows)
   if not rows:
     raise ValueError("no rows to evaluate")
@@ -328,7 +333,8 @@ def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int
       raise ValueError(f"row {i} needs 'image' and a string 'prefix' (keys: {sorted(r)})")
   _check(rows, task)  # a row without targets fails now, not after the decoding
   preds = predict(params, cfg, tok, [r["image"] for r in rows], [r["prefix"] for r in rows],
-                  batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype)
+                  batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype,
+                  progress=progress)
   for r, p in zip(rows, preds):
     p["prefix"] = r["prefix"]
   return {"metrics": score(rows, preds, task), "predictions": preds}

@@ -109,6 +109,19 @@ def test_dtype_fixed_and_callable(tmp_path):
   assert {v.dtype for v in as_f32.values()} == {np.dtype(np.float32)}
 
 
+def test_progress_reports_file_bytes_to_the_total(tmp_path):
+  params = _params("tiny-gemma1-mqa")
+  checkpoint.save(tmp_path / "c.npz", params)
+  calls = []
+  checkpoint.load(tmp_path / "c.npz", progress=lambda done, total: calls.append((done, total)))
+  with zipfile.ZipFile(tmp_path / "c.npz") as zf:
+    sizes = [i.file_size for i in zf.infolist()]
+  assert len(calls) == len(sizes) == len(checkpoint.flatten(params))  # once per leaf
+  assert {t for _, t in calls} == {sum(sizes)}
+  done = [d for d, _ in calls]
+  assert done == sorted(done) and len(set(done)) == len(done) and done[-1] == sum(sizes)
+
+
 def test_sharding_callable(tmp_path):
   params = _params("tiny-gemma1-mqa")
   checkpoint.save(tmp_path / "s.npz", params)

@@ -108,6 +108,11 @@ def test_evaluate_end_to_end_counts_truncation(model):
   assert m["count"] == 3 and m["task"] == "exact"
   assert m["truncated"] == sum(not p["hit_eos"] for p in preds)
   assert m["exact_match"] == sum(p["prediction"] == r["suffix"] for p, r in zip(preds, rows)) / 3
+  calls = []
+  again = evaluate.evaluate(params, cfg, tok, rows, task="exact", max_len=evaluate.prompt_len(tok, PREFIXES), **KW,
+                            progress=lambda done, total: calls.append((done, total)))
+  assert again["predictions"] == preds
+  assert calls == [(min(b + KW["batch_size"], 3), 3) for b in range(0, 3, KW["batch_size"])]  # per batch, to the end
   with pytest.raises(ValueError, match="row 1 has no target"):  # found before any decoding
     evaluate.evaluate(params, cfg, tok, [rows[0], dict(image=images[1], prefix="ocr")], **KW)
 
