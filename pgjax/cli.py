@@ -25,10 +25,10 @@ import numpy as np
 class _Progress:
   """tqdm when installed and stderr is a terminal or forced; otherwise nothing."""
 
-  def __init__(self, total, desc):
+  def __init__(self, total, desc, unit="it"):
     try:
       from tqdm import tqdm
-      self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+      self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
     except ImportError:
       self.bar = None
 
@@ -50,9 +50,7 @@ def _bar(desc, scale=1, unit="it"):
 
   def progress(done, total):
     if "bar" not in state:
-      state["bar"] = _Progress(total // scale, desc)
-      if state["bar"].bar is not None:
-        state["bar"].bar.unit = unit
+      state["bar"] = _Progress(total // scale, desc, unit)
       state["n"] = 0
     n = done // scale
     state["bar"].update(n - state["n"])
