@@ -104,7 +104,7 @@ def _rows(path, image_dir, skip_bad, what):
 def _demo_defaults(args):
   """The embedded demo: easy-vqa questions, the demo checkpoint, settings measured to meet its target."""
   from pgjax import demo
-  defaults = dict(steps=1200, batch_size=32, lr=2.0, clip=1.0, max_len=16, max_new_tokens=4, eval_every=400,
+  defaults = dict(steps=2400, batch_size=32, lr=0.7, clip=1.0, max_len=16, max_new_tokens=4, eval_every=400,
                   eval_examples=512, task="vqa", schedule="cosine", warmup=0.05)
   for k, v in defaults.items():
     if getattr(args, k) is None:

@@ -5,13 +5,26 @@ its wheel. The demo checkpoint in `weights/demo/` was made by `pretrain` below, 
 
   python -m pgjax.demo pretrain --out weights/demo
 
-It trains every param of a small model (the PaliGemma architecture and param tree, just small: SigLIP
-64 px / patch 8, width 64, 2 layers; Gemma width 128, 3 layers, 4 heads with 4 kv heads, i.e. the
-`qkv_einsum` layout) with AdamW on a captioning task over easy-vqa's TRAIN images ("caption en" ->
-"a blue rectangle"), so the model learns to see colours and shapes but has never seen a question.
-`pgjax finetune` with no data flags then fine-tunes it with the seed recipe (attention layers only,
-float32, plain SGD with warmup + cosine; here with the gradient norm clipped to 1) on the train
+The model has the PaliGemma architecture and param tree, just small: SigLIP 64 px / patch 8, width 64,
+2 layers; Gemma width 128, 3 layers, 4 heads with 4 kv heads (the `qkv_einsum` layout). Pretraining
+trains every param with AdamW on easy-vqa's TRAIN images, in two stages, as a stand-in for PaliGemma's
+multitask pretraining:
+  1. captioning: "caption en" -> "a blue rectangle";
+  2. captioning mixed with image-text matching, as in vision-language pretraining (SigLIP itself is
+     trained to match images with texts): "match en <statement>" -> "yes" or "no", half of them true,
+     the statement one of MATCH_TEMPLATES around "a red circle", "a red shape" or "a circle".
+So the model sees colours and shapes and can tell whether a statement fits the image, but has never seen
+a question. `pgjax finetune` with no data flags then fine-tunes it with the seed recipe (attention layers
+only, float32, plain SGD with warmup + cosine; here with the gradient norm clipped to 1) on the train
 questions -> answers and evaluates VQA accuracy on the whole test split before and after.
+
+Why stage 2: after captioning alone, the fine-tuned model answered every "what colour / what shape"
+question from the image but every yes/no question (three quarters of easy-vqa) from the question's form
+alone (0.865 overall): comparing a word of the question with the image is a circuit this tiny model did
+not find within the demo's budget, not even with every param training. Matching needs that circuit; the
+model finds it in pretraining (the matching loss leaves chance after ~1,000 steps of a plateau), as real
+PaliGemma checkpoints bring such skills from their pretraining mixture. The statements around the phrase
+matter: with the bare phrase only, the fine-tune reached 0.870; with them, 0.918 (measured, README).
 
 Why 4 kv heads: the seed recipe trains attention only, and with a single shared kv head per layer (MQA)
 this tiny model's trainable attention learned markedly slower in our trials.
@@ -82,6 +95,36 @@ def captions(split: str) -> list[dict]:
           for i, k in sorted(known.items()) if len(k) == 2]
 
 
+# Statements around the matched phrase, so that matching does not depend on where the phrase sits.
+MATCH_TEMPLATES = ("{}", "there is {}", "{} is in the image", "the image has {}", "{} is present")
+
+
+def matches(split: str, seed: int = 0, per_image: int = 3) -> list[dict]:
+  """Captioning mixed with image-text matching: each caption row, then `per_image` rows
+  "match en <statement>" -> "yes"/"no" for the same image. The statement puts a phrase naming colour
+  and shape ("a red circle"), the colour ("a red shape") or the shape ("a circle") in one of
+  MATCH_TEMPLATES; half are true, a false one changes one attribute."""
+  import random
+  rng, rows = random.Random(seed), []
+  for r in captions(split):
+    _, c, s = r["suffix"].split()
+    rows.append(r)
+    for _ in range(per_image):
+      form = rng.choice(["both", "colour", "shape"])
+      yes = rng.random() < 0.5
+      cc, ss = c, s
+      if not yes:
+        if form == "colour" or (form == "both" and rng.random() < 0.5):
+          cc = rng.choice([o for o in COLORS if o != c])
+        else:
+          ss = rng.choice([o for o in SHAPES if o != s])
+      phrase = {"both": f"a {cc} {ss}", "colour": f"a {cc} shape", "shape": f"a {ss}"}[form]
+      statement = rng.choice(MATCH_TEMPLATES).format(phrase)
+      rows.append({"image": r["image"], "prefix": f"match en {statement}", "suffix": "yes" if yes else "no",
+                   "match": {"form": form, "phrase": phrase}})
+  return rows
+
+
 def write_jsonl(path: str, rows: list[dict]) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
@@ -99,8 +142,9 @@ def make_tokenizer(path: str):
 
 
 def pretrain(out_dir: str = DEMO_DIR, *, steps: int = 2000, batch_size: int = 32, lr: float = 3e-3,
-             seed: int = 0, log_every: int = 100) -> dict:
-  """Makes weights/demo/{tokenizer.model, demo.npz, config.json}: captioning on easy-vqa's train images."""
+             match_steps: int = 2000, match_lr: float = 1e-3, seed: int = 0, log_every: int = 100) -> dict:
+  """Makes weights/demo/{tokenizer.model, demo.npz, config.json}: captioning on easy-vqa's train images
+  (`steps`), then captioning mixed with image-text matching (`match_steps`); see the module docstring."""
   import jax
   import jax.numpy as jnp
   from pgjax import checkpoint, data, evaluate, loop, paligemma, tokenizer, train
@@ -109,27 +153,39 @@ def pretrain(out_dir: str = DEMO_DIR, *, steps: int = 2000, batch_size: int = 32
   tok_path = make_tokenizer(os.path.join(out_dir, "tokenizer.model"))
   tok = tokenizer.Tokenizer(tok_path)
   cfg = demo_config(tok.vocab_size)
-  rows = captions("train")
-  params = paligemma.init(jax.random.key(seed), cfg)
-  trainable, frozen = train.split(params, [".*"])  # pretraining: everything trains
-  max_len = 10
-  batches = lambda step: data.train_batches(rows, tok, batch_size=batch_size, size=cfg.vision.image_size,
-                                            max_len=max_len, seed=seed, start_step=step)
   t0 = time.time()
-  log = lambda s, m: print(f"pretrain step {s}: loss {m['loss']:.4f}", flush=True) if s % log_every == 0 else None
-  trainable, _, history = loop.fit(cfg, trainable, frozen, batches, num_steps=steps,
-                                   lr_schedule=train.schedule("cosine", lr, steps, 0.05),
-                                   optimizer=train.Optimizer(name="adamw", weight_decay=1e-4),
-                                   clip_norm=1.0, seed=seed, on_step=log)
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), train.merge(trainable, frozen))
-  test = captions("test")
-  res = evaluate.evaluate(params, cfg, tok, test, task="exact", batch_size=64, max_len=8, max_new_tokens=6)
+
+  def stage(name, params, rows, num_steps, stage_lr, max_len, data_seed):
+    trainable, frozen = train.split(params, [".*"])  # pretraining: everything trains
+    batches = lambda step: data.train_batches(rows, tok, batch_size=batch_size, size=cfg.vision.image_size,
+                                              max_len=max_len, seed=data_seed, start_step=step)
+    log = lambda s, m: print(f"{name} step {s}: loss {m['loss']:.4f}", flush=True) if s % log_every == 0 else None
+    trainable, _, history = loop.fit(cfg, trainable, frozen, batches, num_steps=num_steps,
+                                     lr_schedule=train.schedule("cosine", stage_lr, num_steps, 0.05),
+                                     optimizer=train.Optimizer(name="adamw", weight_decay=1e-4),
+                                     clip_norm=1.0, seed=seed, on_step=log)
+    # Rounded to float16 as the checkpoint stores it, so stage 2 starts from what stage 1 would ship.
+    params = jax.tree.map(lambda x: np.asarray(np.asarray(x, np.float16), np.float32), train.merge(trainable, frozen))
+    return params, history.loss[-1]
+
+  params = jax.tree.map(np.asarray, paligemma.init(jax.random.key(seed), cfg))
+  params, caption_loss = stage("caption", params, captions("train"), steps, lr, 10, seed)
+  if match_steps:
+    params, match_loss = stage("caption+match", params, matches("train", seed), match_steps, match_lr, 18, seed + 1)
+  test_caption = evaluate.evaluate(params, cfg, tok, captions("test"), task="exact", batch_size=64, max_new_tokens=6)
+  test_match = [r for r in matches("test", seed + 1) if r["prefix"].startswith("match")]
+  test_match = evaluate.evaluate(params, cfg, tok, test_match, task="exact", batch_size=64, max_new_tokens=3)
   checkpoint.save(os.path.join(out_dir, "demo.npz"), jax.tree.map(lambda x: x.astype(np.float16), params))
   info = {"config": dataclasses.asdict(cfg), "pretrain": {
-      "task": "caption en -> 'a <colour> <shape>' on easy-vqa train images", "examples": len(rows),
-      "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "optimizer": "adamw",
-      "final_loss": history.loss[-1], "seconds": round(time.time() - t0, 1),
-      "test_caption_exact_match": res["metrics"]["exact_match"]}}
+      "stages": [
+          {"task": "caption en -> 'a <colour> <shape>'", "examples": len(captions("train")), "steps": steps,
+           "lr": lr, "final_loss": caption_loss},
+          {"task": "caption, and match en <statement> -> yes/no (half true)", "examples": len(matches("train", seed)),
+           "steps": match_steps, "lr": match_lr, "final_loss": match_loss if match_steps else None}],
+      "images": "easy-vqa train", "batch_size": batch_size, "seed": seed, "optimizer": "adamw, weight decay 1e-4",
+      "clip_norm": 1.0, "seconds": round(time.time() - t0, 1),
+      "test_caption_exact_match": test_caption["metrics"]["exact_match"],
+      "test_match_accuracy": test_match["metrics"]["exact_match"]}}
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(info, f, indent=1)
   return info
@@ -147,9 +203,10 @@ def main(argv=None):
   sub = p.add_subparsers(dest="cmd", required=True)
   pre = sub.add_parser("pretrain", help="make the demo checkpoint and tokenizer")
   pre.add_argument("--out", default=DEMO_DIR)
-  pre.add_argument("--steps", type=int, default=2000)
+  pre.add_argument("--steps", type=int, default=2000, help="captioning steps")
+  pre.add_argument("--match-steps", type=int, default=2000, help="captioning + matching steps (0: none)")
   args = p.parse_args(argv)
-  print(json.dumps(pretrain(args.out, steps=args.steps), indent=1))
+  print(json.dumps(pretrain(args.out, steps=args.steps, match_steps=args.match_steps), indent=1))
 
 
 if __name__ == "__main__":
