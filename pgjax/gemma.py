@@ -1,12 +1,15 @@
 """Gemma 1/2 decoder over params["llm"], keyed as big_vision's `models/ppp/gemma.py` with scan=True.
 
 Axis legend as in layers.py: B batch, T query positions, S key positions, N query heads, K kv heads,
-G = N/K, H head dim, D width, F MLP hidden, V vocab, L layers.
+G = N/K, H head dim, D width, F MLP hidden, V vocab, L layers, E flattened axes (of a `layer_view` matrix).
 
 Semantics (big_vision): text embeddings scaled by sqrt(D) in the table's dtype; residual stream and
 norms in float32; pre-norm blocks with RMSNorm (1 + scale); Gemma 2 adds post-attention/post-FFW norms
 and an attention-logit soft cap applied before masking; RoPE over halves; queries scaled after RoPE;
 GeGLU MLP with tanh GELU; logits through the tied embedding table.
+
+For inference, `layer_view` re-lays the stacked layers out as per-layer matrices that the forwards can
+run over instead (unrolled), the same math without per-layer slicing: see its docstring for why.
 """
 
 from __future__ import annotations
@@ -59,7 +62,14 @@ def logits(params: dict, x_BTD, *, cfg: GemmaConfig):
 
 def _qkv(h_BTD, attn: dict, positions_BT, cfg: GemmaConfig, kv_dtype):
   dt = h_BTD.dtype
-  if "qkv_einsum" in attn:
+  if "qkv_DE" in attn:  # a layer of `layer_view`: one plain matmul, then split (q heads, k heads, v heads)
+    B, T, _ = h_BTD.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv_BTE = jnp.einsum("BTD,DE->BTE", h_BTD, attn["qkv_DE"].astype(dt))
+    q_BTNH = qkv_BTE[..., :N * H].reshape(B, T, N, H)
+    k_BTKH = qkv_BTE[..., N * H:(N + K) * H].reshape(B, T, K, H)
+    v_BTKH = qkv_BTE[..., (N + K) * H:].reshape(B, T, K, H)
+  elif "qkv_einsum" in attn:
     q_BTNH, k_BTKH, v_BTKH = jnp.einsum("BTD,CNDH->CBTNH", h_BTD, attn["qkv_einsum"]["w"].astype(dt))
   else:
     q_BTNH = jnp.einsum("BTD,NDH->BTNH", h_BTD, attn["q_einsum"]["w"].astype(dt))
@@ -73,7 +83,10 @@ def _qkv(h_BTD, attn: dict, positions_BT, cfg: GemmaConfig, kv_dtype):
 
 def _mlp(h_BTD, mlp: dict):
   dt = h_BTD.dtype
-  gate_BTF, up_BTF = jnp.einsum("BTD,CDF->CBTF", h_BTD, mlp["gating_einsum"].astype(dt))
+  if "gating_DE" in mlp:  # a layer of `layer_view`: [gate | up] in one matmul
+    gate_BTF, up_BTF = jnp.split(jnp.einsum("BTD,DE->BTE", h_BTD, mlp["gating_DE"].astype(dt)), 2, axis=-1)
+  else:
+    gate_BTF, up_BTF = jnp.einsum("BTD,CDF->CBTF", h_BTD, mlp["gating_einsum"].astype(dt))
   return jnp.einsum("BTF,FD->BTD", layers.gelu(gate_BTF) * up_BTF, mlp["linear"].astype(dt))
 
 
@@ -90,15 +103,19 @@ def _residual_block(x_BTD, p: dict, attend, cfg: GemmaConfig):
 
 
 def _out_proj(enc_BTNH, attn: dict):
+  if "out_ED" in attn:  # a layer of `layer_view`
+    B, T, N, H = enc_BTNH.shape
+    return jnp.einsum("BTE,ED->BTD", enc_BTNH.reshape(B, T, N * H), attn["out_ED"].astype(enc_BTNH.dtype))
   return jnp.einsum("BTNH,NHD->BTD", enc_BTNH, attn["attn_vec_einsum"]["w"].astype(enc_BTNH.dtype))
 
 
 def forward(params: dict, x_BTD, positions_BT, mask_BTS, *, cfg: GemmaConfig, remat: str = "none",
-            kv_dtype=None, return_kv: bool = False, return_attn: bool = False):
+            kv_dtype=None, return_kv: bool = False, return_attn: bool = False, layer_view: list[dict] | None = None):
   """Runs the stack on embedded inputs. Returns (pre_logits_BTD, aux).
 
   aux may hold "kv": (k_LBTKH, v_LBTKH) for filling a cache (return_kv) and "attn": the attention
-  probabilities (L, B, K, G, T, S) (return_attn).
+  probabilities (L, B, K, G, T, S) (return_attn). With `layer_view` (inference only: no remat), the
+  layers come from it, unrolled, instead of a scan over params["layers"]; the same math.
   """
 
   def block(x_BTD, p):
@@ -110,7 +127,12 @@ def forward(params: dict, x_BTD, positions_BT, mask_BTS, *, cfg: GemmaConfig, re
       return _out_proj(enc_BTNH, p["attn"]), ys
     return _residual_block(x_BTD, p, attend, cfg)
 
-  x_BTD, (kv, probs) = layers.scan_layers(block, x_BTD, params["layers"], remat=remat)
+  if layer_view is None:
+    x_BTD, (kv, probs) = layers.scan_layers(block, x_BTD, params["layers"], remat=remat)
+  else:
+    if remat != "none":
+      raise ValueError("layer_view is for inference; remat needs the stacked params")
+    x_BTD, (kv, probs) = layers.unrolled_layers(block, x_BTD, _checked(layer_view, cfg))
   aux = {}
   if return_kv:
     aux["kv"] = kv
@@ -119,11 +141,54 @@ def forward(params: dict, x_BTD, positions_BT, mask_BTS, *, cfg: GemmaConfig, re
   return layers.rms_norm(x_BTD, params["final_norm"]["scale"]), aux
 
 
-def forward_cached(params: dict, x_BTD, positions_BT, k_LBSKH, v_LBSKH, valid_BS, *, cfg: GemmaConfig):
+def layer_view(params: dict, *, cfg: GemmaConfig, dtype=jnp.float32) -> list[dict]:
+  """The stacked layers as a list of per-layer dicts of plain matrices, for `forward_cached` and `forward`.
+
+  Why: under `lax.scan` over the stacked leaves, XLA:CPU slices each layer's weights out of [L, ...] and
+  copies them into the layout its dot wants, for every layer of every decoded token; at one token per
+  step that copying costs more than the matmuls. Made once (outside the token loop), these arrays are
+  read in place by each step. Per layer, in `dtype` (the residual stream's, so the loop casts nothing):
+    attn/qkv_DE  [D, (N + 2K) H]  query heads, then key heads, then value heads (from q_einsum and
+                                  kv_einsum, or qkv_einsum)
+    attn/out_ED  [N H, D]         attn_vec_einsum
+    mlp/gating_DE [D, 2F]         gate, then up
+    mlp/linear   [F, D]
+  and the norm scales [D] under their checkpoint names. The view is a copy: it holds the LLM's layer
+  weights a second time (in `dtype`) for as long as it lives.
+  """
+  L, D, N, K, H = cfg.depth, cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  lp = params["layers"]
+  attn = lp["attn"]
+  if "qkv_einsum" in attn:
+    qkv_LDE = jnp.transpose(attn["qkv_einsum"]["w"], (0, 3, 1, 2, 4)).reshape(L, D, 3 * N * H)
+  else:
+    q_LDE = jnp.transpose(attn["q_einsum"]["w"], (0, 2, 1, 3)).reshape(L, D, N * H)
+    kv_LDE = jnp.transpose(attn["kv_einsum"]["w"], (0, 3, 1, 2, 4)).reshape(L, D, 2 * K * H)
+    qkv_LDE = jnp.concatenate([q_LDE, kv_LDE], axis=-1)
+  out_LED = attn["attn_vec_einsum"]["w"].reshape(L, N * H, D)
+  gating_LDE = jnp.transpose(lp["mlp"]["gating_einsum"], (0, 2, 1, 3)).reshape(L, D, -1)
+  norms = [n for n in lp if n.endswith("_norm")]
+  return [{
+      "attn": {"qkv_DE": qkv_LDE[l].astype(dtype), "out_ED": out_LED[l].astype(dtype)},
+      "mlp": {"gating_DE": gating_LDE[l].astype(dtype), "linear": lp["mlp"]["linear"][l].astype(dtype)},
+      **{n: {"scale": lp[n]["scale"][l]} for n in norms},
+  } for l in range(L)]
+
+
+def _checked(layer_view: list[dict], cfg: GemmaConfig) -> list[dict]:
+  if len(layer_view) != cfg.depth:
+    raise ValueError(f"layer_view has {len(layer_view)} layers, the config {cfg.depth}")
+  return layer_view
+
+
+def forward_cached(params: dict, x_BTD, positions_BT, k_LBSKH, v_LBSKH, valid_BS, *, cfg: GemmaConfig,
+                   layer_view: list[dict] | None = None):
   """Runs new tokens against a KV cache. Returns (pre_logits_BTD, (k_LBTKH, v_LBTKH)) for the new tokens.
 
   Each new token sees the valid cache slots, and itself and the new tokens before it (causal). The
   caller writes the returned k/v into the cache, so the cache is only read here (no per-layer copy).
+  With `layer_view` (from `layer_view`), the layers come from it, unrolled in Python, instead of a
+  scan over params["layers"]; the same math.
   """
   T = x_BTD.shape[1]
   causal_TT = jnp.tri(T, dtype=bool)
@@ -142,5 +207,8 @@ def forward_cached(params: dict, x_BTD, positions_BT, k_LBSKH, v_LBSKH, valid_BS
       return _out_proj(enc_BTNH, p["attn"]), (k_BTKH, v_BTKH)
     return _residual_block(x_BTD, p, attend, cfg)
 
-  x_BTD, kv = layers.scan_layers(block, x_BTD, params["layers"], k_BSKH=k_LBSKH, v_BSKH=v_LBSKH)
+  if layer_view is None:
+    x_BTD, kv = layers.scan_layers(block, x_BTD, params["layers"], k_BSKH=k_LBSKH, v_BSKH=v_LBSKH)
+  else:
+    x_BTD, kv = layers.unrolled_layers(block, x_BTD, _checked(layer_view, cfg), k_BSKH=k_LBSKH, v_BSKH=v_LBSKH)
   return layers.rms_norm(x_BTD, params["final_norm"]["scale"]), kv
