@@ -3,7 +3,7 @@
 Axis legend (one meaning per letter, used in names and einsums across pgjax):
   B batch, T query positions, S key/value positions, N query heads, K kv heads, G = N/K query heads per
   kv head, H head dim, D width, F MLP hidden, V vocab, L layers, P image patches; E several of these
-  flattened into one (the rows or columns of a `gemma.layer_view` matrix, e.g. (N + 2K) H).
+  flattened into one (the rows or columns of a `gemma.make_decode_view` matrix, e.g. (N + 2K) H).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def scan_layers(block_fn, x, layers, *, remat: str = "none", **xs):
 
 
 def unrolled_layers(block_fn, x, layer_list, **xs):
-  """`scan_layers` over a Python list of per-layer params (e.g. `gemma.layer_view`), unrolled: each layer
+  """`scan_layers` over a Python list of per-layer params (`gemma.make_decode_view`), unrolled: each layer
   reads its own arrays, so nothing is sliced out of a stacked leaf. `xs` stay stacked [L, ...]."""
   ys = []
   for l, layer in enumerate(layer_list):

@@ -143,16 +143,17 @@ def view_setup(request):
     if n in lp:
       lp[n]["scale"] = (1 + lp[n]["scale"]) * 30 - 1
   batch = prefix_lm_batch(cfg, PROMPTS, 8, seed=5)
-  return cfg, params, batch, decode.layer_view(params, cfg=cfg)
+  return cfg, params, batch, decode.make_view(params, cfg=cfg)
 
 
-def test_layer_view_holds_the_checkpoint_weights(view_setup):
+def test_decode_view_holds_the_checkpoint_weights(view_setup):
   cfg, params, _, view = view_setup
   c = cfg.llm
   D, N, K, H, F = c.width, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
   lp = params["llm"]["layers"]
-  assert len(view) == c.depth
-  for l, p in enumerate(view):
+  np.testing.assert_array_equal(np.asarray(view["head_DV"]), np.asarray(params["llm"]["embedder"]["input_embedding"]).T)
+  assert len(view["layers"]) == c.depth
+  for l, p in enumerate(view["layers"]):
     assert p["attn"]["qkv_DE"].shape == (D, (N + 2 * K) * H) and p["mlp"]["gating_DE"].shape == (D, 2 * F)
     q_DNH = np.asarray(p["attn"]["qkv_DE"][:, :N * H]).reshape(D, N, H)
     v_DKH = np.asarray(p["attn"]["qkv_DE"][:, (N + K) * H:]).reshape(D, K, H)
@@ -167,7 +168,7 @@ def test_layer_view_holds_the_checkpoint_weights(view_setup):
 
 
 @pytest.mark.parametrize("rows", ["all", "one padding row", "only the eos row"])
-def test_layer_view_greedy_equals_scan_path(view_setup, rows):
+def test_decode_view_greedy_equals_scan_path(view_setup, rows):
   cfg, params, batch, view = view_setup
   args = (params, batch["image"], batch["text"], batch["mask_input"])
   free, _ = decode.greedy(*args, cfg=cfg, max_new_tokens=MAX_NEW, eos_id=None)
@@ -182,7 +183,7 @@ def test_layer_view_greedy_equals_scan_path(view_setup, rows):
     valid[r] = True
   kw = dict(cfg=cfg, max_new_tokens=MAX_NEW, eos_id=eos, valid_B=valid, return_info=True)
   ref_tokens, ref_logits, ref_info = decode.greedy(*args, **kw)
-  tokens, logits, info = decode.greedy(*args, **kw, layer_view=view)
+  tokens, logits, info = decode.greedy(*args, **kw, decode_view=view)
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(ref_tokens))
   chex.assert_trees_all_close(np.asarray(logits), np.asarray(ref_logits), rtol=VIEW_RTOL, atol=VIEW_ATOL)
   chex.assert_trees_all_equal(jax.device_get(info), jax.device_get(ref_info))
@@ -191,12 +192,12 @@ def test_layer_view_greedy_equals_scan_path(view_setup, rows):
     assert int(info["steps"]) == n0 + 1
 
 
-def test_layer_view_prefill_and_decode_step_equal_scan_path(view_setup):
+def test_decode_view_prefill_and_decode_step_equal_scan_path(view_setup):
   cfg, params, batch, view = view_setup
   args = (params, batch["image"], batch["text"], batch["mask_input"])
   N = cfg.num_image_tokens + batch["text"].shape[1]
   ref_logits, ref_cache = decode.prefill(*args, cfg=cfg, cache_size=N + 2)
-  logits, cache = decode.prefill(*args, layer_view=view, cfg=cfg, cache_size=N + 2)
+  logits, cache = decode.prefill(*args, decode_view=view, cfg=cfg, cache_size=N + 2)
   for _ in range(2):
     chex.assert_trees_all_close(logits, ref_logits, rtol=VIEW_RTOL, atol=VIEW_ATOL)
     chex.assert_trees_all_close(cache, ref_cache, rtol=VIEW_RTOL, atol=VIEW_ATOL)
@@ -206,11 +207,29 @@ def test_layer_view_prefill_and_decode_step_equal_scan_path(view_setup):
   chex.assert_trees_all_close(logits, ref_logits, rtol=VIEW_RTOL, atol=VIEW_ATOL)
 
 
-def test_layer_view_of_another_depth_is_refused(view_setup):
+def test_decode_view_of_another_depth_is_refused(view_setup):
   cfg, params, batch, view = view_setup
-  with pytest.raises(ValueError, match="layer_view has 1 layers"):
+  with pytest.raises(ValueError, match="decode_view has 1 layers"):
     decode.greedy(params, batch["image"], batch["text"], batch["mask_input"], cfg=cfg, max_new_tokens=2,
-                  layer_view=view[:1])
+                  decode_view=dict(view, layers=view["layers"][:1]))
+
+
+def test_forward_out_index_equals_the_full_forward_there(view_setup):
+  # What a view prefill relies on: the last layer run for one query per row gives that query's output.
+  cfg, params, _, view = view_setup
+  B, T, D = 3, 9, cfg.llm.width
+  x_BTD = jax.random.normal(jax.random.key(0), (B, T, D))
+  positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask_BTT = jnp.broadcast_to(jnp.tri(T, dtype=bool), (B, T, T))
+  index_B = jnp.array([8, 0, 4])
+  full, aux = gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, return_kv=True)
+  out, out_aux = gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, return_kv=True,
+                               decode_view=view, out_index_B=index_B)
+  assert out.shape == (B, 1, D)
+  chex.assert_trees_all_close(out[:, 0], full[jnp.arange(B), index_B], rtol=VIEW_RTOL, atol=VIEW_ATOL)
+  chex.assert_trees_all_close(out_aux["kv"], aux["kv"], rtol=VIEW_RTOL, atol=VIEW_ATOL)
+  with pytest.raises(ValueError, match="out_index_B needs decode_view"):
+    gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, out_index_B=index_B)
 
 
 def _big_copies(hlo_text, min_elements):
@@ -223,11 +242,11 @@ def _big_copies(hlo_text, min_elements):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="about XLA:CPU's layouts")
-def test_layer_view_decode_step_reads_weights_in_place():
+def test_decode_view_decode_step_reads_weights_in_place():
   # Shapes only (nothing is allocated): the bench-small decode step, compiled with and without the view.
   cfg = config.get("bench-small")
   params = jax.eval_shape(functools.partial(paligemma.init, cfg=cfg), jax.random.key(0))
-  view = jax.eval_shape(functools.partial(gemma.layer_view, cfg=cfg.llm), params["llm"])
+  view = jax.eval_shape(functools.partial(gemma.make_decode_view, cfg=cfg.llm), params["llm"])
   s = cfg.vision.image_size
   _, cache = jax.eval_shape(functools.partial(decode.prefill, cfg=cfg, cache_size=cfg.num_image_tokens + 48),
                             params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
