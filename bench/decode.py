@@ -3,10 +3,12 @@
   python bench/decode.py                    # bench-small: 256 image tokens, a 16-token prompt, 32 new tokens
   python bench/decode.py --vs hf            # also transformers `generate` (with its cache), alternating
   python bench/decode.py --config tiny-gemma1-mqa --reps 2 --new-tokens 4     # a smoke run
+  python bench/decode.py --decode-view off  # over the stacked params (no second copy of the LLM's weights)
 
 eos is disabled, so every run decodes exactly --new-tokens tokens. Prefill is timed on its own through
 `decode.prefill`; greedy is the whole of `decode.greedy` (prefill + the decode loop, one jitted while_loop);
-per-token latency = (greedy - prefill) / (new_tokens - 1). One JSON line per batch size.
+per-token latency = (greedy - prefill) / (new_tokens - 1). Both run over `decode.make_view` (made once,
+before the timings; `decode_view_s`) unless --decode-view off. One JSON line per batch size.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main(argv=None):
   ap.add_argument("--precision", choices=["default", "highest"], default="default",
                   help="jax_default_matmul_precision; on GPUs 'default' lets float32 matmuls use TF32")
   ap.add_argument("--vs", choices=["hf"], default=None)
+  ap.add_argument("--decode-view", choices=["on", "off"], default="on",
+                  help="decode over decode.make_view (a copy of the LLM's weights laid out for it), or the params")
   args = ap.parse_args(argv)
   if args.new_tokens < 2 or args.reps < 1:
     raise SystemExit("--new-tokens must be >= 2 and --reps >= 1")
@@ -71,6 +75,10 @@ def main(argv=None):
   cfg = config.get(args.config)
   M = args.new_tokens
   params = jax.jit(paligemma.init, static_argnums=1)(jax.random.key(0), cfg)
+  view, decode_view_s = None, None
+  if args.decode_view == "on":
+    common.timed(lambda: jax.block_until_ready(decode.make_view(params, cfg=cfg)))  # compiles
+    decode_view_s, view = common.timed(lambda: jax.block_until_ready(decode.make_view(params, cfg=cfg)))
   hf_model = hf_dev = None
   if args.vs == "hf":
     torch = common.torch_setup()
@@ -90,11 +98,12 @@ def main(argv=None):
     cache_size = cfg.num_image_tokens + args.prompt_len + M - 1
 
     def prefill():
-      return jax.block_until_ready(decode.prefill(params, image, prompt, mask, cfg=cfg, cache_size=cache_size))
+      return jax.block_until_ready(decode.prefill(params, image, prompt, mask, decode_view=view, cfg=cfg,
+                                                  cache_size=cache_size))
 
     def greedy():
       tokens, _ = decode.greedy(params, image, prompt, mask, cfg=cfg, max_new_tokens=M, eos_id=None,
-                                return_logits=False)
+                                return_logits=False, decode_view=view)
       return np.asarray(tokens)
 
     common.note(f"batch {B}: compiling")
@@ -118,7 +127,7 @@ def main(argv=None):
     per_token = (gen["median_s"] - pre["median_s"]) / (M - 1)
     figures = {"prefill": pre, "greedy": gen, "per_token_s": per_token, "tokens_per_s": B * M / gen["median_s"],
                "decode_tokens_per_s": B / per_token if per_token > 0 else None,
-               "prefill_first_s": prefill_first_s, "greedy_first_s": greedy_first_s}
+               "prefill_first_s": prefill_first_s, "greedy_first_s": greedy_first_s, "decode_view_s": decode_view_s}
     versions = ()
     if hf:
       versions = ("torch", "transformers")
@@ -139,7 +148,8 @@ def main(argv=None):
     common.emit("decode", {"name": args.config, "batch": B, "image_tokens": cfg.num_image_tokens,
                            "prompt_len": args.prompt_len, "new_tokens": M, "eos": None, "dtype": "float32",
                            "cache_dtype": "float32", "return_logits": False, "matmul_precision": args.precision,
-                           "warmup": args.warmup, "vs": args.vs}, extra_versions=versions, **figures)
+                           "warmup": args.warmup, "vs": args.vs, "decode_view": args.decode_view == "on"},
+                extra_versions=versions, **figures)
 
 
 if __name__ == "__main__":

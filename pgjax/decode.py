@@ -11,6 +11,10 @@ Cache (a plain dict, donated by `decode_step`):
   valid  [B, S] bool      which slots a new token may attend (padding and unwritten slots are False)
   pos    [B] int32        position of the next token of each row
   idx    [] int32         the next slot to write
+
+Every entry point takes an optional `decode_view` (`make_view(params, cfg=cfg)`, made once per set of
+params): the LLM's weights laid out for the token loop to read in place. On CPU it makes decoding
+several times faster, at the price of a second copy of the LLM's weights.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pgjax import gemma, paligemma
 from pgjax.config import PaliGemmaConfig
 
 
-def _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, *, cfg: PaliGemmaConfig,
+def _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, decode_view=None, *, cfg: PaliGemmaConfig,
              cache_size: int, cache_dtype):
   x_BND, _ = paligemma.embed_image_and_text(params, image_BHWC, prompt_BT, cfg=cfg)
   B, N, _ = x_BND.shape
@@ -33,11 +37,15 @@ def _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, *, cfg: P
   mask_ar_BN, mask_input_BN = paligemma.full_masks(mask_ar_BT, mask_input_BT, N - prompt_BT.shape[1])
   mask_BNN = paligemma.make_attn_mask(mask_input_BN, mask_ar_BN)
   positions_BN = jnp.cumsum(mask_input_BN, axis=1) - 1
-  pre_logits_BND, aux = gemma.forward(params["llm"], x_BND, positions_BN, mask_BNN, cfg=cfg.llm,
-                                      kv_dtype=cache_dtype, return_kv=True)
-  # The next token is predicted at the last valid prompt position.
+  # The next token is predicted at the last valid prompt position: logits there alone, and with the
+  # view, the last layer's attention output and MLP too.
   last_B = N - 1 - jnp.argmax(mask_input_BN[:, ::-1], axis=1)
-  logits_BV = gemma.logits(params["llm"], pre_logits_BND[jnp.arange(B), last_B][:, None], cfg=cfg.llm)[:, 0]
+  pre_logits_BND, aux = gemma.forward(params["llm"], x_BND, positions_BN, mask_BNN, cfg=cfg.llm,
+                                      kv_dtype=cache_dtype, return_kv=True, decode_view=decode_view,
+                                      out_index_B=None if decode_view is None else last_B)
+  if decode_view is None:
+    pre_logits_BND = pre_logits_BND[jnp.arange(B), last_B][:, None]
+  logits_BV = gemma.logits(params["llm"], pre_logits_BND, cfg=cfg.llm, decode_view=decode_view)[:, 0]
   pad = ((0, 0), (0, 0), (0, cache_size - N), (0, 0), (0, 0))
   k_LBNKH, v_LBNKH = aux["kv"]
   cache = {
@@ -49,10 +57,11 @@ def _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, *, cfg: P
   return logits_BV, cache
 
 
-def _decode_step(params, tokens_B, cache, *, cfg: PaliGemmaConfig):
+def _decode_step(params, tokens_B, cache, decode_view=None, *, cfg: PaliGemmaConfig):
   x_B1D = gemma.embed(params["llm"], tokens_B[:, None], cfg=cfg.llm)
   pre_logits_B1D, (k_LB1KH, v_LB1KH) = gemma.forward_cached(
-      params["llm"], x_B1D, cache["pos"][:, None], cache["k"], cache["v"], cache["valid"], cfg=cfg.llm)
+      params["llm"], x_B1D, cache["pos"][:, None], cache["k"], cache["v"], cache["valid"], cfg=cfg.llm,
+      decode_view=decode_view)
   idx = cache["idx"]
   B = tokens_B.shape[0]
   cache = {
@@ -62,39 +71,60 @@ def _decode_step(params, tokens_B, cache, *, cfg: PaliGemmaConfig):
       "pos": cache["pos"] + 1,
       "idx": idx + 1,
   }
-  return gemma.logits(params["llm"], pre_logits_B1D, cfg=cfg.llm)[:, 0], cache
+  return gemma.logits(params["llm"], pre_logits_B1D, cfg=cfg.llm, decode_view=decode_view)[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_size", "cache_dtype"))
-def prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT=None, *, cfg: PaliGemmaConfig,
-            cache_size: int, cache_dtype=jnp.float32):
+def prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT=None, decode_view=None, *,
+            cfg: PaliGemmaConfig, cache_size: int, cache_dtype=jnp.float32):
   """Runs [image; prompt] once and fills the cache. Returns (logits_BV of the next token, cache).
 
   cache_size counts slots for the image, the prompt and every token to be fed by `decode_step`.
   `mask_ar_BT` defaults to zeros: the whole prompt is one bidirectional block with the image.
+  `decode_view`: see `make_view`.
   """
   N = cfg.num_image_tokens + prompt_BT.shape[1]
   if cache_size < N:
     raise ValueError(f"cache_size {cache_size} is smaller than the {N} image and prompt tokens")
-  return _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, cfg=cfg, cache_size=cache_size,
-                  cache_dtype=jnp.dtype(cache_dtype))
+  return _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, decode_view, cfg=cfg,
+                  cache_size=cache_size, cache_dtype=jnp.dtype(cache_dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def decode_step(params, tokens_B, cache, *, cfg: PaliGemmaConfig):
+def decode_step(params, tokens_B, cache, decode_view=None, *, cfg: PaliGemmaConfig):
   """Feeds one token per row. Returns (logits_BV of the next token, cache). The cache is donated.
 
   The caller must not feed more tokens than the cache has free slots (XLA would clamp the write).
+  `decode_view`: see `make_view`.
   """
-  return _decode_step(params, tokens_B, cache, cfg=cfg)
+  return _decode_step(params, tokens_B, cache, decode_view, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _make_view(llm_params, *, cfg, dtype):
+  return gemma.make_decode_view(llm_params, cfg=cfg, dtype=dtype)
+
+
+def make_view(params, *, cfg: PaliGemmaConfig, dtype=jnp.float32) -> dict:
+  """A copy of the LLM's weights laid out for decoding (`gemma.make_decode_view`). Make it once per set of
+  params and pass it as `decode_view=` to `greedy`, `prefill` or `decode_step`.
+
+  Why: under the scan over stacked layers, XLA:CPU copies every layer's weights out of the stacked
+  leaves, and into the layout its dot wants, for every decoded token; at one token per row the copies
+  cost more than the matmuls (bench-small: several times slower per token). The view's matrices are
+  read in place. The price is memory: the LLM's weights (layers and output head) a second time, in
+  `dtype` (float32, what the dots compute in, so the loop casts nothing), for as long as the view
+  lives. Without it (`decode_view=None`, the default) nothing extra is held.
+  """
+  return _make_view(params["llm"], cfg=cfg.llm, dtype=jnp.dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "cache_dtype", "return_logits"))
-def _greedy(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, *, cfg, max_new_tokens,
+def _greedy(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, decode_view, *, cfg, max_new_tokens,
             eos_id, cache_dtype, return_logits):
   B, M = prompt_BT.shape[0], max_new_tokens
   N = cfg.num_image_tokens + prompt_BT.shape[1]
-  logits_BV, cache = _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, cfg=cfg,
+  logits_BV, cache = _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, decode_view, cfg=cfg,
                               cache_size=N + M - 1, cache_dtype=cache_dtype)
   V = logits_BV.shape[-1]
   is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
@@ -115,7 +145,7 @@ def _greedy(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, *
 
   def body(state):
     t, tok_B, tokens_BM, logits_BMV, done_B, cache = state
-    logits_BV, cache = _decode_step(params, tok_B, cache, cfg=cfg)
+    logits_BV, cache = _decode_step(params, tok_B, cache, decode_view, cfg=cfg)
     tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return (t + 1, tok_B, *record(t, tok_B, logits_BV, tokens_BM, logits_BMV, done_B), cache)
 
@@ -132,7 +162,7 @@ def _greedy(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, *
 
 def greedy(params, image_BHWC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, max_new_tokens: int,
            eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=jnp.float32,
-           return_logits: bool = True, return_info: bool = False):
+           return_logits: bool = True, return_info: bool = False, decode_view: dict | None = None):
   """Greedy decoding of up to `max_new_tokens` per row, in one jitted `while_loop`.
 
   Stops early once every valid row has produced `eos_id` (None: never). Returns tokens [B, M] (zero
@@ -141,6 +171,8 @@ def greedy(params, image_BHWC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemm
   (False: the row ran out of tokens), steps (decode steps run). `valid_B` marks batch rows that are
   padding (False); they never delay the early stop and come back as zeros. cache_dtype bfloat16
   halves the cache; float32 (default) matches a teacher-forced forward to float32 precision.
+  `decode_view` (`make_view(params, cfg=cfg)`, made once): prefill and the token loop read the LLM's
+  weights from it instead of slicing the stacked params (much faster on CPU; a second copy of them).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -149,7 +181,7 @@ def greedy(params, image_BHWC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemm
     valid_B = jnp.ones(prompt_BT.shape[:1], bool)
   tokens, logits, info = _greedy(params, image_BHWC, prompt_BT, jnp.asarray(prompt_mask_input_BT, bool),
                                  None if prompt_mask_ar_BT is None else jnp.asarray(prompt_mask_ar_BT, jnp.int32),
-                                 jnp.asarray(valid_B, bool), cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                 jnp.asarray(valid_B, bool), decode_view, cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id,
                                  cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits)
   out = (tokens, logits if return_logits else None)
   return (*out, info) if return_info else out

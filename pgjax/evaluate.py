@@ -176,7 +176,8 @@ def prompt_len(tok, prefixes) -> int:
 
 
 def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len: int | None = None,
-            max_new_tokens: int = 64, cache_dtype=jnp.float32, progress=None) -> list[dict]:
+            max_new_tokens: int = 64, cache_dtype=jnp.float32, decode_view: bool | None = None,
+            progress=None) -> list[dict]:
   """Greedy predictions for every (image, prefix), in order, each exactly once.
 
   images: an array [N, H, W, 3] (float in [-1, 1] at the model's size, or uint8 of any size), a
@@ -184,6 +185,8 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   max_len: prompt length in tokens (None: `prompt_len` of these prefixes).
   Returns [dict(prediction, num_tokens, hit_eos)] with num_tokens counting the eos when there is one;
   hit_eos False means the text was cut at max_new_tokens.
+  decode_view: decode over `decode.make_view`, made once for all batches (None: on CPU, where it makes
+  decoding several times faster; it holds a second, float32 copy of the LLM's weights meanwhile).
   progress: None, or called as progress(examples_done, N) as each batch's tokens arrive.
   """
   prefixes = list(prefixes)
@@ -195,6 +198,9 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   max_len = prompt_len(tok, prefixes) if max_len is None else max_len
   if tok.vocab_size > cfg.llm.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {cfg.llm.vocab_size}")
+  if decode_view is None:
+    decode_view = jax.default_backend() == "cpu"
+  view = decode.make_view(params, cfg=cfg) if decode_view else None
 
   def make_batch(start):
     # The last batch repeats its last example: fixed shapes (one compilation), and padded rows are
@@ -209,7 +215,7 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
     image, text, mask_input, valid = batch
     tokens, _, info = decode.greedy(params, image, text, mask_input, cfg=cfg, max_new_tokens=max_new_tokens,
                                     eos_id=tok.eos_id, valid_B=valid, cache_dtype=cache_dtype,
-                                    return_logits=False, return_info=True)
+                                    return_logits=False, return_info=True, decode_view=view)
     return tokens, info["num_tokens"], info["hit_eos"], valid
 
   out, pending = [], None
@@ -321,7 +327,8 @@ def score(rows, predictions, task: str | None = None) -> dict:
 
 
 def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int = 8,
-             max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=jnp.float32, progress=None) -> dict:
+             max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=jnp.float32,
+             decode_view: bool | None = None, progress=None) -> dict:
   """Predicts every row (dicts with "image" path or array, "prefix", and targets "suffix" and/or
   "answers" (VQA) / "references" (captions)) and scores it. Returns dict(metrics, predictions), the
   predictions as `predict` gives them plus each row's "prefix". progress: as in `predict`."""
@@ -334,7 +341,7 @@ def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int
   _check(rows, task)  # a row without targets fails now, not after the decoding
   preds = predict(params, cfg, tok, [r["image"] for r in rows], [r["prefix"] for r in rows],
                   batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype,
-                  progress=progress)
+                  decode_view=decode_view, progress=progress)
   for r, p in zip(rows, preds):
     p["prefix"] = r["prefix"]
   return {"metrics": score(rows, preds, task), "predictions": preds}

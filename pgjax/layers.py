@@ -2,7 +2,8 @@
 
 Axis legend (one meaning per letter, used in names and einsums across pgjax):
   B batch, T query positions, S key/value positions, N query heads, K kv heads, G = N/K query heads per
-  kv head, H head dim, D width, F MLP hidden, V vocab, L layers, P image patches.
+  kv head, H head dim, D width, F MLP hidden, V vocab, L layers, P image patches; E several of these
+  flattened into one (the rows or columns of a `gemma.make_decode_view` matrix, e.g. (N + 2K) H).
 """
 
 from __future__ import annotations
@@ -100,3 +101,13 @@ def scan_layers(block_fn, x, layers, *, remat: str = "none", **xs):
     return block_fn(carry, layer, **extra)
 
   return jax.lax.scan(body, x, (layers, xs))
+
+
+def unrolled_layers(block_fn, x, layer_list, **xs):
+  """`scan_layers` over a Python list of per-layer params (`gemma.make_decode_view`), unrolled: each layer
+  reads its own arrays, so nothing is sliced out of a stacked leaf. `xs` stay stacked [L, ...]."""
+  ys = []
+  for l, layer in enumerate(layer_list):
+    x, y = block_fn(x, layer, **{k: v[l] for k, v in xs.items()})
+    ys.append(y)
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)

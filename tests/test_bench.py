@@ -83,7 +83,9 @@ def test_decode():
                 "--batches", "1,2", *vs)
   assert [r["config"]["batch"] for r in records] == [1, 2]
   for r in records:
-    positive(r["prefill"]["median_s"], r["greedy"]["median_s"], r["tokens_per_s"], r["greedy_first_s"])
+    positive(r["prefill"]["median_s"], r["greedy"]["median_s"], r["tokens_per_s"], r["greedy_first_s"],
+             r["decode_view_s"])
+    assert r["config"]["decode_view"]  # the default: decode over decode.make_view
     assert math.isfinite(r["per_token_s"])  # a difference of two medians: noise can make it tiny or negative
     if vs:
       positive(r["hf_generate"]["median_s"], r["hf_to_pgjax_greedy_ratio"], r["hf_to_pgjax_prefill_ratio"])

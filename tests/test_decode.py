@@ -1,5 +1,8 @@
 """KV-cached decoding: equal to an uncached argmax loop, per-row positions, eos handling, cache dtype."""
 
+import functools
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import prefix_lm_batch, random_params
-from pgjax import config, decode, paligemma
+from pgjax import config, decode, gemma, paligemma
 
 # Prompts of different lengths in one right-padded batch.
 PROMPTS = [(5, 0), (2, 0), (7, 0)]
@@ -121,3 +124,138 @@ def test_bfloat16_cache_is_close_to_float32(setup):
   ref, out = np.asarray(ref), np.asarray(out)
   assert not np.array_equal(out, ref)  # the prompt's attention really used bf16 keys and values
   assert np.abs(out - ref).max() < 3e-2 * np.abs(ref).max()
+
+
+# The decode view: same tokens, and logits to float32 rounding (the fused matmuls sum in another order).
+VIEW_RTOL, VIEW_ATOL = 1e-6, 1e-5
+
+
+@pytest.fixture(scope="module", params=["tiny-gemma1-mqa", "tiny-gemma1-mha", "tiny-gemma2-gqa"])
+def view_setup(request):
+  cfg = config.get(request.param)
+  params = random_params(cfg, seed=11)
+  # As initialised, the tiny models repeat one token; larger block outputs give varied text, so that
+  # an eos can stop a row after a few tokens.
+  lp = params["llm"]["layers"]
+  lp["mlp"]["linear"] = lp["mlp"]["linear"] * 30
+  lp["attn"]["attn_vec_einsum"]["w"] = lp["attn"]["attn_vec_einsum"]["w"] * 30
+  for n in ("post_attention_norm", "post_ffw_norm"):  # Gemma 2 normalises the outputs: scale the norms
+    if n in lp:
+      lp[n]["scale"] = (1 + lp[n]["scale"]) * 30 - 1
+  batch = prefix_lm_batch(cfg, PROMPTS, 8, seed=5)
+  return cfg, params, batch, decode.make_view(params, cfg=cfg)
+
+
+def test_decode_view_holds_the_checkpoint_weights(view_setup):
+  cfg, params, _, view = view_setup
+  c = cfg.llm
+  D, N, K, H, F = c.width, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
+  lp = params["llm"]["layers"]
+  np.testing.assert_array_equal(np.asarray(view["head_DV"]), np.asarray(params["llm"]["embedder"]["input_embedding"]).T)
+  assert len(view["layers"]) == c.depth
+  for l, p in enumerate(view["layers"]):
+    assert p["attn"]["qkv_DE"].shape == (D, (N + 2 * K) * H) and p["mlp"]["gating_DE"].shape == (D, 2 * F)
+    q_DNH = np.asarray(p["attn"]["qkv_DE"][:, :N * H]).reshape(D, N, H)
+    v_DKH = np.asarray(p["attn"]["qkv_DE"][:, (N + K) * H:]).reshape(D, K, H)
+    if "qkv_einsum" in lp["attn"]:
+      q_NDH, v_KDH = lp["attn"]["qkv_einsum"]["w"][l, 0], lp["attn"]["qkv_einsum"]["w"][l, 2]
+    else:
+      q_NDH, v_KDH = lp["attn"]["q_einsum"]["w"][l], lp["attn"]["kv_einsum"]["w"][l, 1]
+    np.testing.assert_array_equal(q_DNH, np.asarray(q_NDH).transpose(1, 0, 2))
+    np.testing.assert_array_equal(v_DKH, np.asarray(v_KDH).transpose(1, 0, 2))
+    np.testing.assert_array_equal(np.asarray(p["mlp"]["gating_DE"][:, F:]), np.asarray(lp["mlp"]["gating_einsum"][l, 1]))
+    np.testing.assert_array_equal(np.asarray(p["pre_ffw_norm"]["scale"]), np.asarray(lp["pre_ffw_norm"]["scale"][l]))
+
+
+@pytest.mark.parametrize("rows", ["all", "one padding row", "only the eos row"])
+def test_decode_view_greedy_equals_scan_path(view_setup, rows):
+  cfg, params, batch, view = view_setup
+  args = (params, batch["image"], batch["text"], batch["mask_input"])
+  free, _ = decode.greedy(*args, cfg=cfg, max_new_tokens=MAX_NEW, eos_id=None)
+  # As eos, the token some row r first emits latest (before its last step): row r stops early, others
+  # maybe; with only row r valid, the whole loop does.
+  n0, r, eos = max((row.index(t), b, t) for b, row in enumerate(np.asarray(free)[:, :-1].tolist()) for t in row)
+  valid = np.ones(len(PROMPTS), bool)
+  if rows != "all":
+    valid[(r + 1) % len(PROMPTS)] = False
+  if rows == "only the eos row":
+    valid[:] = False
+    valid[r] = True
+  kw = dict(cfg=cfg, max_new_tokens=MAX_NEW, eos_id=eos, valid_B=valid, return_info=True)
+  ref_tokens, ref_logits, ref_info = decode.greedy(*args, **kw)
+  tokens, logits, info = decode.greedy(*args, **kw, decode_view=view)
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(ref_tokens))
+  chex.assert_trees_all_close(np.asarray(logits), np.asarray(ref_logits), rtol=VIEW_RTOL, atol=VIEW_ATOL)
+  chex.assert_trees_all_equal(jax.device_get(info), jax.device_get(ref_info))
+  assert int(info["num_tokens"][r]) == n0 + 1 < MAX_NEW and not np.asarray(tokens)[~valid].any()
+  if rows == "only the eos row":
+    assert int(info["steps"]) == n0 + 1
+
+
+def test_decode_view_prefill_and_decode_step_equal_scan_path(view_setup):
+  cfg, params, batch, view = view_setup
+  args = (params, batch["image"], batch["text"], batch["mask_input"])
+  N = cfg.num_image_tokens + batch["text"].shape[1]
+  ref_logits, ref_cache = decode.prefill(*args, cfg=cfg, cache_size=N + 2)
+  logits, cache = decode.prefill(*args, decode_view=view, cfg=cfg, cache_size=N + 2)
+  for _ in range(2):
+    chex.assert_trees_all_close(logits, ref_logits, rtol=VIEW_RTOL, atol=VIEW_ATOL)
+    chex.assert_trees_all_close(cache, ref_cache, rtol=VIEW_RTOL, atol=VIEW_ATOL)
+    tok = jnp.argmax(ref_logits, -1)
+    ref_logits, ref_cache = decode.decode_step(params, tok, ref_cache, cfg=cfg)
+    logits, cache = decode.decode_step(params, tok, cache, view, cfg=cfg)
+  chex.assert_trees_all_close(logits, ref_logits, rtol=VIEW_RTOL, atol=VIEW_ATOL)
+
+
+def test_decode_view_of_another_depth_is_refused(view_setup):
+  cfg, params, batch, view = view_setup
+  with pytest.raises(ValueError, match="decode_view has 1 layers"):
+    decode.greedy(params, batch["image"], batch["text"], batch["mask_input"], cfg=cfg, max_new_tokens=2,
+                  decode_view=dict(view, layers=view["layers"][:1]))
+
+
+def test_forward_out_index_equals_the_full_forward_there(view_setup):
+  # What a view prefill relies on: the last layer run for one query per row gives that query's output.
+  cfg, params, _, view = view_setup
+  B, T, D = 3, 9, cfg.llm.width
+  x_BTD = jax.random.normal(jax.random.key(0), (B, T, D))
+  positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask_BTT = jnp.broadcast_to(jnp.tri(T, dtype=bool), (B, T, T))
+  index_B = jnp.array([8, 0, 4])
+  full, aux = gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, return_kv=True)
+  out, out_aux = gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, return_kv=True,
+                               decode_view=view, out_index_B=index_B)
+  assert out.shape == (B, 1, D)
+  chex.assert_trees_all_close(out[:, 0], full[jnp.arange(B), index_B], rtol=VIEW_RTOL, atol=VIEW_ATOL)
+  chex.assert_trees_all_close(out_aux["kv"], aux["kv"], rtol=VIEW_RTOL, atol=VIEW_ATOL)
+  with pytest.raises(ValueError, match="out_index_B needs decode_view"):
+    gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, out_index_B=index_B)
+
+
+def _big_copies(hlo_text, min_elements):
+  """Instructions of an optimised module that copy, transpose or slice >= min_elements elements."""
+  found = []
+  for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} (copy|transpose|dynamic-slice)\(", hlo_text):
+    if np.prod([int(d) for d in m.group(1).split(",") if d]) >= min_elements:
+      found.append(m.group(0))
+  return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="about XLA:CPU's layouts")
+def test_decode_view_decode_step_reads_weights_in_place():
+  # Shapes only (nothing is allocated): the bench-small decode step, compiled with and without the view.
+  cfg = config.get("bench-small")
+  params = jax.eval_shape(functools.partial(paligemma.init, cfg=cfg), jax.random.key(0))
+  view = jax.eval_shape(functools.partial(gemma.make_decode_view, cfg=cfg.llm), params["llm"])
+  s = cfg.vision.image_size
+  _, cache = jax.eval_shape(functools.partial(decode.prefill, cfg=cfg, cache_size=cfg.num_image_tokens + 48),
+                            params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
+                            jax.ShapeDtypeStruct((1, 16), jnp.int32), jax.ShapeDtypeStruct((1, 16), bool))
+  tokens = jax.ShapeDtypeStruct((1,), jnp.int32)
+  scan_hlo, view_hlo = (decode.decode_step.lower(params, tokens, cache, v, cfg=cfg).compile().as_text()
+                        for v in (None, view))
+  # q, the output projection and the MLP's matrices have >= D x D elements; the cache's and the
+  # activations' copies are far smaller.
+  D = cfg.llm.width
+  assert _big_copies(scan_hlo, D * D)  # each layer's weights sliced and re-laid-out, every token
+  assert not _big_copies(view_hlo, D * D)
