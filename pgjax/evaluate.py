@@ -175,6 +175,24 @@ def prompt_len(tok, prefixes) -> int:
   return -(-n // 8) * 8
 
 
+def view_fits(params, *, headroom: float = 2.0) -> bool:
+  """Whether `predict` decodes over `decode.make_view` when not told. On CPU always: it makes decoding
+  several times faster there. On an accelerator when every local device has `headroom` times the view's
+  size free: the view is a second, float32 copy of the LLM's weights (it halves a 3B's decode time on
+  an H100, but its ~10 GB do not fit beside a 3B on a 16 GB T4). A device that reports no memory
+  statistics gets no view."""
+  if jax.default_backend() == "cpu":
+    return True
+  view_bytes = 4 * sum(x.size for x in jax.tree.leaves(params["llm"]))
+  for device in jax.local_devices():
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+      return False
+    if stats["bytes_limit"] - stats.get("bytes_in_use", 0) < headroom * view_bytes:
+      return False
+  return True
+
+
 def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len: int | None = None,
             max_new_tokens: int = 64, cache_dtype=jnp.float32, decode_view: bool | None = None,
             progress=None) -> list[dict]:
@@ -185,9 +203,7 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   max_len: prompt length in tokens (None: `prompt_len` of these prefixes).
   Returns [dict(prediction, num_tokens, hit_eos)] with num_tokens counting the eos when there is one;
   hit_eos False means the text was cut at max_new_tokens.
-  decode_view: decode over `decode.make_view`, made once for all batches (None: on CPU only, where it
-  makes decoding several times faster; it holds a second, float32 copy of the LLM's weights meanwhile,
-  ~10 GB for a 3B, so GPUs get it only when asked: it halves the 3B's decode time on an H100).
+  decode_view: decode over `decode.make_view`, made once for all batches (None: `view_fits(params)`).
   progress: None, or called as progress(examples_done, N) as each batch's tokens arrive.
   """
   prefixes = list(prefixes)
@@ -200,7 +216,7 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   if tok.vocab_size > cfg.llm.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {cfg.llm.vocab_size}")
   if decode_view is None:
-    decode_view = jax.default_backend() == "cpu"
+    decode_view = view_fits(params)
   view = decode.make_view(params, cfg=cfg) if decode_view else None
 
   def make_batch(start):

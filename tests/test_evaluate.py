@@ -55,6 +55,32 @@ def _alone(cfg, params, tok, image, prefix, max_len):
   return dict(prediction=tok.decode(np.asarray(tokens[0, :k])), num_tokens=k, hit_eos=bool(info["hit_eos"][0]))
 
 
+class _FakeDevice:
+  def __init__(self, stats):
+    self.stats = stats
+
+  def memory_stats(self):
+    return self.stats
+
+
+def test_view_fits_on_cpu_always_elsewhere_by_free_memory(monkeypatch):
+  params = {"llm": {"a": np.zeros((1000,), np.float16), "b": {"c": np.zeros((10, 50), np.float32)}}}
+  view_bytes = 4 * 1500  # float32 whatever the params' dtype
+  assert evaluate.view_fits(params)  # the tests run on CPU
+  monkeypatch.setattr(evaluate.jax, "default_backend", lambda: "gpu")
+  for devices, want in [
+      ([_FakeDevice({"bytes_limit": 2 * view_bytes, "bytes_in_use": 0})], True),  # exactly the headroom
+      ([_FakeDevice({"bytes_limit": 2 * view_bytes, "bytes_in_use": 1})], False),
+      ([_FakeDevice({"bytes_limit": 10 * view_bytes})], True),  # no bytes_in_use: nothing in use
+      ([_FakeDevice({"bytes_limit": 10 * view_bytes}), _FakeDevice({"bytes_limit": view_bytes})], False),
+      ([_FakeDevice(None)], False),  # no statistics: no view
+      ([_FakeDevice({"bytes_in_use": 0})], False)]:
+    monkeypatch.setattr(evaluate.jax, "local_devices", lambda devices=devices: devices)
+    assert evaluate.view_fits(params) is want, [d.stats for d in devices]
+  monkeypatch.setattr(evaluate.jax, "local_devices", lambda: [_FakeDevice({"bytes_limit": 3 * view_bytes})])
+  assert evaluate.view_fits(params) and not evaluate.view_fits(params, headroom=4.0)
+
+
 def test_padded_batches_predict_each_example_once_as_if_alone(model):
   cfg, params, tok = model
   images = _images(cfg, len(PREFIXES))
