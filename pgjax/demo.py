@@ -169,18 +169,19 @@ def pretrain(out_dir: str = DEMO_DIR, *, steps: int = 2000, batch_size: int = 32
     return params, history.loss[-1]
 
   params = jax.tree.map(np.asarray, paligemma.init(jax.random.key(seed), cfg))
-  params, caption_loss = stage("caption", params, captions("train"), steps, lr, 10, seed)
+  caption_rows, match_rows = captions("train"), matches("train", seed)
+  params, caption_loss = stage("caption", params, caption_rows, steps, lr, 10, seed)
   if match_steps:
-    params, match_loss = stage("caption+match", params, matches("train", seed), match_steps, match_lr, 18, seed + 1)
+    params, match_loss = stage("caption+match", params, match_rows, match_steps, match_lr, 18, seed + 1)
   test_caption = evaluate.evaluate(params, cfg, tok, captions("test"), task="exact", batch_size=64, max_new_tokens=6)
   test_match = [r for r in matches("test", seed + 1) if r["prefix"].startswith("match")]
   test_match = evaluate.evaluate(params, cfg, tok, test_match, task="exact", batch_size=64, max_new_tokens=3)
   checkpoint.save(os.path.join(out_dir, "demo.npz"), jax.tree.map(lambda x: x.astype(np.float16), params))
   info = {"config": dataclasses.asdict(cfg), "pretrain": {
       "stages": [
-          {"task": "caption en -> 'a <colour> <shape>'", "examples": len(captions("train")), "steps": steps,
+          {"task": "caption en -> 'a <colour> <shape>'", "examples": len(caption_rows), "steps": steps,
            "lr": lr, "final_loss": caption_loss},
-          {"task": "caption, and match en <statement> -> yes/no (half true)", "examples": len(matches("train", seed)),
+          {"task": "caption, and match en <statement> -> yes/no (half true)", "examples": len(match_rows),
            "steps": match_steps, "lr": match_lr, "final_loss": match_loss if match_steps else None}],
       "images": "easy-vqa train", "batch_size": batch_size, "seed": seed, "optimizer": "adamw, weight decay 1e-4",
       "clip_norm": 1.0, "seconds": round(time.time() - t0, 1),

@@ -160,11 +160,8 @@ def forward(params: dict, x_BTD, positions_BT, mask_BTS, *, cfg: GemmaConfig, re
       raise ValueError("decode_view is for inference; remat needs the stacked params")
     if out_index_B is not None and return_attn:
       raise ValueError("return_attn needs every position's queries; out_index_B computes one per row")
-    ys = []
-    for l, p in enumerate(_view_layers(decode_view, cfg)):
-      x_BTD, y = block(x_BTD, p, out_index_B if l == cfg.depth - 1 else None)
-      ys.append(y)
-    kv, probs = jax.tree.map(lambda *a: jnp.stack(a), *ys)
+    x_BTD, (kv, probs) = layers.unrolled_layers(block, x_BTD, _view_layers(decode_view, cfg),
+                                                last_kwargs={"index_B": out_index_B})
   aux = {}
   if return_kv:
     aux["kv"] = kv

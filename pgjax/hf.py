@@ -301,10 +301,10 @@ def to_hf(params: Mapping, cfg: config_lib.PaliGemmaConfig, *, vocab_size: int |
 
 
 def _numpy(x) -> np.ndarray:
-  if type(x).__module__.startswith("torch"):  # a torch.Tensor (from model.state_dict()); torch is loaded
-    import torch
+  if type(x).__module__.startswith("torch"):  # a torch.Tensor (from model.state_dict()), through its own methods
     x = x.detach().cpu()
-    return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if x.dtype == torch.bfloat16 else x.numpy()
+    # numpy has no bfloat16: widen to float32 and back, both exact for bfloat16 values.
+    return x.float().numpy().astype(ml_dtypes.bfloat16) if str(x.dtype) == "torch.bfloat16" else x.numpy()
   return np.asarray(x)
 
 

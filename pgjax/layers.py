@@ -103,11 +103,15 @@ def scan_layers(block_fn, x, layers, *, remat: str = "none", **xs):
   return jax.lax.scan(body, x, (layers, xs))
 
 
-def unrolled_layers(block_fn, x, layer_list, **xs):
+def unrolled_layers(block_fn, x, layer_list, *, last_kwargs: dict | None = None, **xs):
   """`scan_layers` over a Python list of per-layer params (`gemma.make_decode_view`), unrolled: each layer
-  reads its own arrays, so nothing is sliced out of a stacked leaf. `xs` stay stacked [L, ...]."""
+  reads its own arrays, so nothing is sliced out of a stacked leaf. `xs` stay stacked [L, ...].
+  `last_kwargs`: further keyword arguments for the last layer's block alone."""
   ys = []
   for l, layer in enumerate(layer_list):
-    x, y = block_fn(x, layer, **{k: v[l] for k, v in xs.items()})
+    extra = {k: v[l] for k, v in xs.items()}
+    if last_kwargs and l == len(layer_list) - 1:
+      extra.update(last_kwargs)
+    x, y = block_fn(x, layer, **extra)
     ys.append(y)
   return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
