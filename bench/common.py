@@ -18,6 +18,8 @@ import time
 
 import jax
 
+from pgjax import host
+
 GiB = 1 << 30
 
 # Dense peaks by device kind, in FLOP/s, from the vendors' datasheets (no sparsity). Keys are matched as
@@ -76,7 +78,7 @@ def others_cpu_share() -> float | None:
 def machine() -> dict:
   return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
           "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-          "others_cpu_share": others_cpu_share()}
+          "others_cpu_share": others_cpu_share(), "malloc_tunables": host.allocator_state()}
 
 
 def device_kind() -> str:

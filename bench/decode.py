@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from pgjax import config, decode, paligemma  # noqa: E402
+from pgjax import config, decode, host, paligemma  # noqa: E402
 
 
 class HFGenerate:
@@ -153,4 +153,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.tune_allocator()  # as the `pgjax` command runs: see pgjax/host.py (PGJAX_TUNE_MALLOC=0 to compare)
   main()

@@ -169,4 +169,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  common.host.tune_allocator()  # as the `pgjax` command runs: see pgjax/host.py (PGJAX_TUNE_MALLOC=0 to compare)
   main()

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from pgjax import config, paligemma, train  # noqa: E402
+from pgjax import config, host, paligemma, train  # noqa: E402
 
 # Memory as the devices report it (nvidia-smi's total), GiB.
 DEVICES = {"T4-16GB": 15.0, "A10G-24GB": 22.5, "H100-80GB": 79.6}
@@ -109,4 +109,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.tune_allocator()  # as the `pgjax` command runs: see pgjax/host.py (PGJAX_TUNE_MALLOC=0 to compare)
   main()

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from pgjax import config, paligemma, train  # noqa: E402
+from pgjax import config, host, paligemma, train  # noqa: E402
 
 
 def matmul_flops(cfg: config.PaliGemmaConfig, batch: int, text_len: int) -> dict:
@@ -273,4 +273,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.tune_allocator()  # as the `pgjax` command runs: see pgjax/host.py (PGJAX_TUNE_MALLOC=0 to compare)
   main()

@@ -328,6 +328,9 @@ def cmd_inspect(args) -> int:
 
 def _parser():
   parser = argparse.ArgumentParser(prog="pgjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
+                      help="JAX's persistent compilation cache: a second run loads its compiled steps instead of "
+                           "compiling them (default $PGJAX_COMPILE_CACHE, else ~/.cache/pgjax/xla; off: none)")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("finetune", help="fine-tune (no data flags: the embedded demo)")
@@ -409,6 +412,10 @@ def _parser():
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  from pgjax import host
+  cache = args.compile_cache
+  host.enable_compilation_cache(host.default_cache_dir() if cache is None else
+                                (None if cache.lower() == "off" else cache))
   try:
     return args.fn(args)
   except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
@@ -416,5 +423,13 @@ def main(argv=None) -> int:
     return 2
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The program's entry (`pgjax`, `python -m pgjax.cli`): glibc's allocator tuned for XLA:CPU (see
+  pgjax/host.py; PGJAX_TUNE_MALLOC=0 to keep the default), then `main`."""
+  from pgjax import host
+  host.tune_allocator()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

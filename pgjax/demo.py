@@ -211,4 +211,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from pgjax import host
+  host.tune_allocator()
   main()

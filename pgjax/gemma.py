@@ -92,7 +92,9 @@ def _mlp(h_BTD, mlp: dict):
   if "gating_DE" in mlp:  # a layer of `make_decode_view`: [gate | up] in one matmul
     gate_BTF, up_BTF = jnp.split(jnp.einsum("BTD,DE->BTE", h_BTD, mlp["gating_DE"].astype(dt)), 2, axis=-1)
   else:
-    gate_BTF, up_BTF = jnp.einsum("BTD,CDF->CBTF", h_BTD, mlp["gating_einsum"].astype(dt))
+    gating_CDF = mlp["gating_einsum"].astype(dt)
+    gate_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, gating_CDF[0])
+    up_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, gating_CDF[1])
   return jnp.einsum("BTF,FD->BTD", layers.gelu(gate_BTF) * up_BTF, mlp["linear"].astype(dt))
 
 
@@ -232,10 +234,11 @@ def forward_cached(params: dict, x_BTD, positions_BT, k_LBSKH, v_LBSKH, valid_BS
     def attend(h_BTD):
       q_BTNH, k_BTKH, v_BTKH = _qkv(h_BTD, p["attn"], positions_BT, cfg, k_BSKH.dtype)
       cap = cfg.attn_logits_softcap
-      old_BKGTS = layers.attention_logits(q_BTNH, k_BSKH, cap=cap)
-      old_BKGTS = jnp.where(valid_BS[:, None, None, None, :], old_BKGTS, layers.MASK_VALUE)
-      new_BKGTT = jnp.where(causal_TT, layers.attention_logits(q_BTNH, k_BTKH, cap=cap), layers.MASK_VALUE)
-      probs = jax.nn.softmax(jnp.concatenate([old_BKGTS, new_BKGTT], axis=-1), axis=-1)
+      old_BKTGS = layers.attention_logits(q_BTNH, k_BSKH, cap=cap)
+      old_BKTGS = jnp.where(valid_BS[:, None, None, None, :], old_BKTGS, layers.MASK_VALUE)
+      new_BKTGT = jnp.where(causal_TT[:, None, :], layers.attention_logits(q_BTNH, k_BTKH, cap=cap),
+                            layers.MASK_VALUE)
+      probs = jax.nn.softmax(jnp.concatenate([old_BKTGS, new_BKTGT], axis=-1), axis=-1)
       S = k_BSKH.shape[1]
       enc_BTNH = (layers.attention_combine(probs[..., :S], v_BSKH).astype(x_BTD.dtype)
                   + layers.attention_combine(probs[..., S:], v_BTKH).astype(x_BTD.dtype))

@@ -54,29 +54,33 @@ def apply_rope(x_BTNH, positions_BT, max_wavelength: float = 10_000.0):
 def attention_logits(q_BTNH, k_BSKH, *, cap: float = 0.0):
   """Grouped-query attention logits in float32, soft-capped (before masking, as the reference does).
 
-  Query head n reads kv head n // G: big_vision groups query heads as (K G) with K outer.
+  Query head n reads kv head n // G: big_vision groups query heads as (K G) with K outer. The result is
+  laid out [B, K, T, G, S] rather than [B, K, G, T, S]: with one kv head (Gemma 1's MQA) the (T, G) rows
+  are q's own layout, so neither this dot nor `attention_combine`'s (nor their gradients) needs a
+  transposed copy of q, the probabilities or the output; with several kv heads both layouts need one.
   """
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  return softcap(logits_BKGTS, cap)
+  logits_BKTGS = jnp.einsum("BTKGH,BSKH->BKTGS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  return softcap(logits_BKTGS, cap)
 
 
-def attention_combine(probs_BKGTS, v_BSKH):
+def attention_combine(probs_BKTGS, v_BSKH):
   """Weighted sum of values for grouped heads; returns (B, T, N, H) in v's dtype."""
-  B, K, G, T, _ = probs_BKGTS.shape
-  enc_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+  B, K, T, G, _ = probs_BKTGS.shape
+  enc_BTKGH = jnp.einsum("BKTGS,BSKH->BTKGH", probs_BKTGS.astype(v_BSKH.dtype), v_BSKH)
   return enc_BTKGH.reshape(B, T, K * G, v_BSKH.shape[-1])
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, cap: float = 0.0):
-  """Scaled-elsewhere dot-product attention. Returns (out_BTNH, probs_BKGTS)."""
-  logits_BKGTS = attention_logits(q_BTNH, k_BSKH, cap=cap)
+  """Scaled-elsewhere dot-product attention. Returns (out_BTNH, probs_BKGTS); the probabilities are
+  transposed to [B, K, G, T, S] for callers that inspect them (unused, the transpose is never computed)."""
+  logits_BKTGS = attention_logits(q_BTNH, k_BSKH, cap=cap)
   if mask_BTS is not None:
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, MASK_VALUE)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-  return attention_combine(probs_BKGTS, v_BSKH), probs_BKGTS
+    logits_BKTGS = jnp.where(mask_BTS[:, None, :, None, :], logits_BKTGS, MASK_VALUE)
+  probs_BKTGS = jax.nn.softmax(logits_BKTGS, axis=-1)
+  return attention_combine(probs_BKTGS, v_BSKH), jnp.swapaxes(probs_BKTGS, 2, 3)
 
 
 def remat_policy(name: str):

@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (for sharding tests), float32 matmuls at full precision, offline HF."""
+"""Test setup: 8 fake CPU devices (for sharding tests), float32 matmuls at full precision, offline HF, no
+compilation cache."""
 
 import os
 
@@ -7,6 +8,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CLI's persistent compilation cache stays out of the home folder; tests/test_host.py checks it.
+os.environ["PGJAX_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
 
