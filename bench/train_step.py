@@ -167,12 +167,16 @@ def main(argv=None):
   ap.add_argument("--precision", choices=["default", "highest"], default="default",
                   help="jax_default_matmul_precision; on GPUs 'default' lets float32 matmuls use TF32")
   ap.add_argument("--vs", choices=["hf"], default=None, help="also time transformers, alternating with pgjax")
+  ap.add_argument("--compile-cache", metavar="DIR", default=None,
+                  help="JAX's persistent compilation cache, as the pgjax command keeps one: a second run with the "
+                       "same DIR reports the first step of a run that loads its compiled step (default: none)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time the step's pieces (image tower, forward + loss, forward + backward)")
   args = ap.parse_args(argv)
   if args.reps < 1:
     raise SystemExit("--reps must be >= 1")
   jax.config.update("jax_default_matmul_precision", None if args.precision == "default" else args.precision)
+  host.enable_compilation_cache(args.compile_cache)
 
   cfg = config.get(args.config)
   if args.remat:
@@ -269,7 +273,7 @@ def main(argv=None):
       "suffix_len": args.text_len - args.prefix_len, "image_size": cfg.vision.image_size,
       "image_tokens": cfg.num_image_tokens, "frozen_dtype": args.frozen_dtype, "trainable_dtype": "float32",
       "remat": cfg.remat, "lr": args.lr, "matmul_precision": args.precision, "warmup": args.warmup,
-      "vs": args.vs, "hf_loss": "big_vision per-example mean" if hf else None}, extra_versions=versions, **figures)
+      "vs": args.vs, "hf_loss": "big_vision per-example mean" if hf else None, "compile_cache": args.compile_cache}, extra_versions=versions, **figures)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from pgjax import host
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 TINY = "tiny-gemma1-mqa"
@@ -43,6 +45,9 @@ def run(script, *args):
     assert r["device"].startswith("cpu:")
     assert r["versions"]["jax"] and r["versions"]["jaxlib"] and r["versions"]["numpy"]
     assert isinstance(r["config"], dict) and r["config"]["name"] == TINY
+    # The scripts run as the pgjax command does: re-executed with glibc's tunables (pgjax/host.py).
+    tuned = host.allocator_env(env)
+    assert r["machine"]["malloc_tunables"] == (tuned or env).get("GLIBC_TUNABLES", "")
   return records
 
 
