@@ -98,15 +98,15 @@ def _mlp(h_BTD, mlp: dict):
   return jnp.einsum("BTF,FD->BTD", layers.gelu(gate_BTF) * up_BTF, mlp["linear"].astype(dt))
 
 
-def _residual_block(x_BTD, p: dict, attend, cfg: GemmaConfig, index_B=None):
+def _residual_block(x_BTD, p: dict, attend, cfg: GemmaConfig, select=None):
   """The pre-norm block around an attention function `attend(h_BTD) -> (out_BTD, extra)`.
 
-  With `index_B`, `attend` answers only the query at that position of each row ([B, 1, D]), and the
-  block goes on for those positions alone.
+  With `select` (a map [B, T, ...] -> [B, T', ...] of query positions), `attend` answers only the
+  selected queries, and the block goes on for those positions alone.
   """
   a_BTD, extra = attend(layers.rms_norm(x_BTD, p["pre_attention_norm"]["scale"]))
-  if index_B is not None:
-    x_BTD = _take(x_BTD, index_B)
+  if select is not None:
+    x_BTD = select(x_BTD)
   if cfg.post_norms:
     a_BTD = layers.rms_norm(a_BTD, p["post_attention_norm"]["scale"])
   x_BTD = x_BTD + a_BTD
@@ -130,7 +130,7 @@ def _out_proj(enc_BTNH, attn: dict):
 
 def forward(params: dict, x_BTD, positions_BT, mask_BTS, *, cfg: GemmaConfig, remat: str = "none",
             kv_dtype=None, return_kv: bool = False, return_attn: bool = False, decode_view: dict | None = None,
-            out_index_B=None):
+            out_index_B=None, out_start: int | None = None):
   """Runs the stack on embedded inputs. Returns (pre_logits_BTD, aux).
 
   aux may hold "kv": (k_LBTKH, v_LBTKH) for filling a cache (return_kv) and "attn": the attention
@@ -139,25 +139,39 @@ def forward(params: dict, x_BTD, positions_BT, mask_BTS, *, cfg: GemmaConfig, re
   `out_index_B` (with `decode_view`): the output is wanted at that position of each row alone, as a
   prefill wants it: the last layer computes its keys and values everywhere but the rest only there,
   and pre_logits come back [B, 1, D].
+  `out_start` (a static int; the scan path): the output is wanted at positions out_start.. alone, as a
+  loss on text positions wants it (PaliGemma: after the image tokens): likewise the last layer computes
+  keys and values everywhere and the rest there only; pre_logits come back [B, T - out_start, D].
   """
 
-  def block(x_BTD, p, index_B=None):
+  def block(x_BTD, p, index_B=None, start=None):
+    select = None
+    if index_B is not None:
+      select = lambda a: _take(a, index_B)
+    elif start is not None:
+      select = lambda a: a[:, start:]
+
     def attend(h_BTD):
       q_BTNH, k_BTKH, v_BTKH = _qkv(h_BTD, p["attn"], positions_BT, cfg, kv_dtype)
       q_mask_BTS = mask_BTS
-      if index_B is not None:
-        q_BTNH, q_mask_BTS = _take(q_BTNH, index_B), _take(mask_BTS, index_B)
+      if select is not None:
+        q_BTNH, q_mask_BTS = select(q_BTNH), select(mask_BTS)
       enc_BTNH, probs = layers.attention(q_BTNH, k_BTKH, v_BTKH, q_mask_BTS, cap=cfg.attn_logits_softcap)
       enc_BTNH = enc_BTNH.astype(x_BTD.dtype)
       ys = ((k_BTKH, v_BTKH) if return_kv else None, probs if return_attn else None)
       return _out_proj(enc_BTNH, p["attn"]), ys
-    return _residual_block(x_BTD, p, attend, cfg, index_B)
+    return _residual_block(x_BTD, p, attend, cfg, select)
 
+  if out_start is not None and return_attn:
+    raise ValueError("return_attn needs every position's queries; out_start computes fewer in the last layer")
   if decode_view is None:
     if out_index_B is not None:
       raise ValueError("out_index_B needs decode_view (the scan runs every layer alike)")
-    x_BTD, (kv, probs) = layers.scan_layers(block, x_BTD, params["layers"], remat=remat)
+    x_BTD, (kv, probs) = layers.scan_layers(block, x_BTD, params["layers"], remat=remat,
+                                            last_kwargs=None if out_start is None else {"start": out_start})
   else:
+    if out_start is not None:
+      raise ValueError("out_start is for the scan path; with decode_view use out_index_B")
     if remat != "none":
       raise ValueError("decode_view is for inference; remat needs the stacked params")
     if out_index_B is not None and return_attn:

@@ -8,6 +8,8 @@ Axis legend (one meaning per letter, used in names and einsums across pgjax):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -90,21 +92,42 @@ def remat_policy(name: str):
           "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
 
-def scan_layers(block_fn, x, layers, *, remat: str = "none", **xs):
+def scan_layers(block_fn, x, layers, *, remat: str = "none", last_kwargs: dict | None = None, **xs):
   """Runs `block_fn(x, layer_params, **per_layer) -> (x, ys)` over params stacked on a leading axis.
 
   One traced block regardless of depth (constant compile time); `xs` are further per-layer inputs
-  (e.g. a layer's KV cache), stacked on the same leading axis.
+  (e.g. a layer's KV cache), stacked on the same leading axis. `last_kwargs`: further keyword arguments
+  for the last layer's block alone (e.g. to compute less there); the scan then runs the other layers and
+  the last one is called on its own, so the block is traced twice.
   """
   policy = remat_policy(remat)
-  if policy is not None:
-    block_fn = jax.checkpoint(block_fn, policy=policy, prevent_cse=False)
+  if not last_kwargs:
+    if policy is not None:
+      block_fn = jax.checkpoint(block_fn, policy=policy, prevent_cse=False)
 
-  def body(carry, inputs):
-    layer, extra = inputs
-    return block_fn(carry, layer, **extra)
+    def body(carry, inputs):
+      layer, extra = inputs
+      return block_fn(carry, layer, **extra)
 
-  return jax.lax.scan(body, x, (layers, xs))
+    return jax.lax.scan(body, x, (layers, xs))
+
+  # The first L - 1 layers index the stacked leaves by the loop counter instead of scanning over a
+  # slice [:-1] of them: a static slice of a stacked leaf is a copy of it (for a 3B, of nearly every
+  # weight), an index is read in place. Under remat the index sits inside the checkpointed block, so
+  # what the backward keeps is the (loop-invariant) stacked leaves, not each layer's slice.
+  def indexed_block(carry, stacked, i, **kw):
+    take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+    return block_fn(carry, jax.tree.map(take, stacked[0]), **jax.tree.map(take, stacked[1]), **kw)
+
+  def make(kw):  # keyword arguments bound before jax.checkpoint, which would trace them
+    fn = functools.partial(indexed_block, **kw)
+    return fn if policy is None else jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+  scan_block, last_block = make({}), make(last_kwargs)
+  L = jax.tree.leaves(layers)[0].shape[0]
+  x, ys = jax.lax.scan(lambda carry, i: scan_block(carry, (layers, xs), i), x, jnp.arange(L - 1))
+  x, y = last_block(x, (layers, xs), jnp.asarray(L - 1))
+  return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), ys, y)
 
 
 def unrolled_layers(block_fn, x, layer_list, *, last_kwargs: dict | None = None, **xs):

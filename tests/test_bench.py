@@ -131,4 +131,12 @@ def test_flop_count_matches_design():
     sys.path.remove(BENCH)
   from pgjax import config
   flops = train_step.matmul_flops(config.get("bench-small"), batch=4, text_len=64)
-  assert flops["step"] / 1e9 == pytest.approx(117, abs=1.5)
+  assert flops["straightforward"] / 1e9 == pytest.approx(117, abs=1.5)
+  # The last layer runs its queries, output projection and MLP at the 63 text positions only: each of the
+  # 4 x 256 image rows saves, in multiply-adds, forward q and out (2 x 512 x 512) and MLP (3 x 512 x 2048)
+  # and its attention row (2 x 8 heads x 319 keys x 64); backward the same projections' and MLP's input
+  # gradients, q's and out's weight gradients (2 x 512 x 512) and twice the attention row.
+  proj, mlp, row = 2 * 512 * 512, 3 * 512 * 2048, 2 * 8 * 319 * 64
+  saved = 2 * 4 * 256 * ((proj + mlp + row) + (proj + mlp + 2 * row + proj))
+  assert flops["straightforward"] - flops["step"] == saved
+  assert flops["step"] / 1e9 == pytest.approx(99.6, abs=0.1)

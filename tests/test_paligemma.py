@@ -126,3 +126,33 @@ def test_remat_gives_the_same_values_and_gradients(tiny):
   for remat in ("full", "dots"):
     g1 = jax.grad(f)(params, dataclasses.replace(cfg, remat=remat))
     chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_out_start_gives_the_text_positions_values_and_gradients(tiny, remat):
+  """gemma.forward(out_start=P) (the last layer's queries, output projection and MLP at positions P.. only)
+  against the whole stack run everywhere and sliced: same outputs, keys/values and gradients."""
+  from pgjax import gemma
+  cfg, params = tiny
+  batch = prefix_lm_batch(cfg, [(4, 6), (3, 5)], 10)
+  x_BND, _ = paligemma.embed_image_and_text(params, batch["image"], batch["text"], cfg=cfg)
+  P = cfg.num_image_tokens
+  mask_ar_BN, mask_input_BN = paligemma.full_masks(batch["mask_ar"], batch["mask_input"], P)
+  mask_BNN = paligemma.make_attn_mask(mask_input_BN, mask_ar_BN)
+  positions_BN = jnp.broadcast_to(jnp.arange(x_BND.shape[1]), x_BND.shape[:2])
+  w = jax.random.normal(jax.random.key(3), (x_BND.shape[0], 10, cfg.llm.width))
+
+  def run(llm, start):
+    out, aux = gemma.forward(llm, x_BND, positions_BN, mask_BNN, cfg=cfg.llm, remat=remat, return_kv=True,
+                             out_start=start)
+    return (out if start is not None else out[:, P:]), aux["kv"]
+
+  full, kv_full = run(params["llm"], None)
+  cut, kv_cut = run(params["llm"], P)
+  assert cut.shape == full.shape == (2, 10, cfg.llm.width)
+  chex.assert_trees_all_close(cut, full, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(kv_cut, kv_full, rtol=1e-6, atol=1e-6)
+  grad = lambda start: jax.grad(lambda llm: (run(llm, start)[0] * w).sum())(params["llm"])
+  chex.assert_trees_all_close(grad(P), grad(None), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="return_attn"):
+    gemma.forward(params["llm"], x_BND, positions_BN, mask_BNN, cfg=cfg.llm, return_attn=True, out_start=P)
