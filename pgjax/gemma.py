@@ -66,21 +66,33 @@ def logits(params: dict, x_BTD, *, cfg: GemmaConfig, decode_view: dict | None = 
   return layers.softcap(logits_BTV, cfg.final_logits_softcap)
 
 
-def _qkv(h_BTD, attn: dict, positions_BT, cfg: GemmaConfig, kv_dtype):
+def _qkv(h_BTD, attn: dict, positions_BT, cfg: GemmaConfig, kv_dtype, select=None):
+  """Queries, keys and values (after RoPE; queries scaled). With `select` (see `_residual_block`), the
+  queries at the selected positions only; keys and values stay everywhere."""
   dt = h_BTD.dtype
+  N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  q_positions_BT = positions_BT if select is None else select(positions_BT)
   if "qkv_DE" in attn:  # a layer of `make_decode_view`: one plain matmul, then split (q heads, k heads, v heads)
     B, T, _ = h_BTD.shape
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv_BTE = jnp.einsum("BTD,DE->BTE", h_BTD, attn["qkv_DE"].astype(dt))
     q_BTNH = qkv_BTE[..., :N * H].reshape(B, T, N, H)
     k_BTKH = qkv_BTE[..., N * H:(N + K) * H].reshape(B, T, K, H)
     v_BTKH = qkv_BTE[..., (N + K) * H:].reshape(B, T, K, H)
-  elif "qkv_einsum" in attn:
-    q_BTNH, k_BTKH, v_BTKH = jnp.einsum("BTD,CNDH->CBTNH", h_BTD, attn["qkv_einsum"]["w"].astype(dt))
+    if select is not None:  # prefill, once: the fused matmul is worth more than the unselected rows
+      q_BTNH = select(q_BTNH)
   else:
-    q_BTNH = jnp.einsum("BTD,NDH->BTNH", h_BTD, attn["q_einsum"]["w"].astype(dt))
-    k_BTKH, v_BTKH = jnp.einsum("BTD,CKDH->CBTKH", h_BTD, attn["kv_einsum"]["w"].astype(dt))
-  q_BTNH = layers.apply_rope(q_BTNH, positions_BT, cfg.rope_max_wavelength) * jnp.asarray(cfg.query_scale, dt)
+    hq_BTD = h_BTD if select is None else select(h_BTD)
+    if "qkv_einsum" in attn:
+      w_CNDH = attn["qkv_einsum"]["w"].astype(dt)
+      if select is None:
+        q_BTNH, k_BTKH, v_BTKH = jnp.einsum("BTD,CNDH->CBTNH", h_BTD, w_CNDH)
+      else:
+        q_BTNH = jnp.einsum("BTD,NDH->BTNH", hq_BTD, w_CNDH[0])
+        k_BTKH, v_BTKH = jnp.einsum("BTD,CKDH->CBTKH", h_BTD, w_CNDH[1:])
+    else:
+      q_BTNH = jnp.einsum("BTD,NDH->BTNH", hq_BTD, attn["q_einsum"]["w"].astype(dt))
+      k_BTKH, v_BTKH = jnp.einsum("BTD,CKDH->CBTKH", h_BTD, attn["kv_einsum"]["w"].astype(dt))
+  q_BTNH = layers.apply_rope(q_BTNH, q_positions_BT, cfg.rope_max_wavelength) * jnp.asarray(cfg.query_scale, dt)
   k_BTKH = layers.apply_rope(k_BTKH, positions_BT, cfg.rope_max_wavelength)
   if kv_dtype is not None:  # what a KV cache of this dtype would hold; the prompt's own attention sees the same
     k_BTKH, v_BTKH = k_BTKH.astype(kv_dtype), v_BTKH.astype(kv_dtype)
@@ -152,10 +164,8 @@ def forward(params: dict, x_BTD, positions_BT, mask_BTS, *, cfg: GemmaConfig, re
       select = lambda a: a[:, start:]
 
     def attend(h_BTD):
-      q_BTNH, k_BTKH, v_BTKH = _qkv(h_BTD, p["attn"], positions_BT, cfg, kv_dtype)
-      q_mask_BTS = mask_BTS
-      if select is not None:
-        q_BTNH, q_mask_BTS = select(q_BTNH), select(mask_BTS)
+      q_BTNH, k_BTKH, v_BTKH = _qkv(h_BTD, p["attn"], positions_BT, cfg, kv_dtype, select)
+      q_mask_BTS = mask_BTS if select is None else select(mask_BTS)
       enc_BTNH, probs = layers.attention(q_BTNH, k_BTKH, v_BTKH, q_mask_BTS, cap=cfg.attn_logits_softcap)
       enc_BTNH = enc_BTNH.astype(x_BTD.dtype)
       ys = ((k_BTKH, v_BTKH) if return_kv else None, probs if return_attn else None)
