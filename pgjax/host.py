@@ -7,7 +7,8 @@ Why the allocator: XLA:CPU allocates an executable's temporaries afresh on every
 returns them with `munmap`, so every step faults every page of them in again, 4 KiB at a time: 165,000
 page faults and 0.32 s of kernel time per 0.93 s step on a 2-core CPU. Hugepages for those blocks (glibc's
 `hugetlb=1`: it madvises them, used where THP is "madvise" or "always"), and keeping blocks under 32 MiB on the
-heap rather than unmapping them, leave under 1,000 faults a step and the step at 0.78 s. glibc reads its
+heap rather than unmapping them, leave under 1,000 faults a step and the step at 0.78 s (as measured when
+this was added; bench/README.md has the latest). glibc reads its
 tunables only when a process starts, so `tune_allocator` re-executes the program once with them set.
 """
 
@@ -66,7 +67,7 @@ def default_cache_dir() -> str | None:
 
 def enable_compilation_cache(path: str | None, *, min_compile_time_s: float = 0.5) -> str | None:
   """Points JAX's persistent compilation cache at `path` (None: leaves it off), so a second run of the same
-  program loads its executables instead of compiling them (bench-small's train step: 1.8 s -> 0.1 s).
+  program loads its executables instead of compiling them (bench-small's train step: 2.3-2.9 s -> 0.08 s).
   Executables that compiled faster than `min_compile_time_s` are not stored. Returns the path used."""
   if not path:
     return None
