@@ -43,7 +43,7 @@ def tune_allocator() -> None:
   """Re-executes this program (same interpreter, flags and arguments) with MALLOC_TUNABLES, once; does
   nothing where `allocator_env` says so. Call it before any work: the process is replaced."""
   env = allocator_env()
-  if env is None:
+  if env is None or sys.argv[:1] in ([""], ["-"]):  # interactive, or a script read from stdin: cannot restart
     return
   argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
   sys.stdout.flush()

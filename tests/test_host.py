@@ -54,6 +54,12 @@ def test_tune_allocator_reexecs_once_with_the_same_arguments(tmp_path):
   assert r.returncode == 1 and "KeyError" in r.stderr and log.read_text().splitlines() == ["-"]
 
 
+def test_tune_allocator_leaves_a_program_read_from_stdin_alone():
+  code = "import os\nfrom pgjax import host\nhost.tune_allocator()\nprint(os.environ.get('GLIBC_TUNABLES', '-'))\n"
+  out = subprocess.run([sys.executable, "-"], input=code, env=_env(), capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "-"  # ran once, as it was: stdin cannot be read a second time
+
+
 def _faults_for_fresh_blocks(env):
   code = textwrap.dedent("""
       import ctypes, resource
