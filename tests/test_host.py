@@ -115,3 +115,21 @@ def test_cache_dir_defaults(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   assert host.default_cache_dir() == str(tmp_path / "pgjax" / "xla")
   assert host.enable_compilation_cache(None) is None
+
+
+def test_compiler_options_on_cpu_and_their_opt_outs(monkeypatch):
+  import jax
+  host.compiler_options.cache_clear()
+  try:
+    assert jax.default_backend() == "cpu"
+    assert host.compiler_options() == {"xla_cpu_use_fusion_emitters": False}
+    host.compiler_options.cache_clear()
+    monkeypatch.setenv("PGJAX_CPU_COMPILER_OPTIONS", "0")
+    assert host.compiler_options() == {}
+    host.compiler_options.cache_clear()
+    monkeypatch.delenv("PGJAX_CPU_COMPILER_OPTIONS")
+    # An option this XLA does not know (as a later XLA may drop ours) is probed and left out, not an error.
+    monkeypatch.setattr(host, "_CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": True})
+    assert host.compiler_options() == {}
+  finally:
+    host.compiler_options.cache_clear()
