@@ -64,13 +64,13 @@ def matmul_flops(cfg: config.PaliGemmaConfig, batch: int, text_len: int) -> dict
     return fwd, fwd + attn_core + attn_proj
 
   fwd, bwd = llm_layer(S)
-  last_fwd, last_bwd = llm_layer(T) if cfg.remat == "none" else (fwd, bwd)
+  split = paligemma.last_layer_at_text_only(cfg)  # then the last layer runs outside the scan
+  last_fwd, last_bwd = llm_layer(T) if split else (fwd, bwd)
   recompute = fwd if cfg.remat == "full" else 0
   head = mm(B, T, D, t.vocab_size)
   outer = vis_outer + 2 * head
   vision = v.depth * vis_layer
   step = outer + vision + (t.depth - 1) * (fwd + bwd) + last_fwd + last_bwd
-  split = last_fwd != fwd  # the last layer runs outside the scan
   return {
       "step": step,  # the model's FLOPs, what MFU counts
       "straightforward": outer + vision + t.depth * (fwd + bwd),

@@ -413,9 +413,7 @@ def _parser():
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   from pgjax import host
-  cache = args.compile_cache
-  host.enable_compilation_cache(host.default_cache_dir() if cache is None else
-                                (None if cache.lower() == "off" else cache))
+  host.enable_compilation_cache(host.default_cache_dir(args.compile_cache))
   try:
     return args.fn(args)
   except (FileNotFoundError, ValueError, KeyError, ImportError) as e:

@@ -78,9 +78,10 @@ def allocator_state() -> str:
   return os.environ.get("GLIBC_TUNABLES", "")
 
 
-def default_cache_dir() -> str | None:
-  """$PGJAX_COMPILE_CACHE ("off" disables), else $XDG_CACHE_HOME/pgjax/xla (~/.cache/pgjax/xla)."""
-  value = os.environ.get(CACHE_ENV)
+def default_cache_dir(value: str | None = None) -> str | None:
+  """`value` (e.g. a --compile-cache flag), else $PGJAX_COMPILE_CACHE, else $XDG_CACHE_HOME/pgjax/xla
+  (~/.cache/pgjax/xla); "off" (or "", "0", "none") for none."""
+  value = os.environ.get(CACHE_ENV) if value is None else value
   if value is not None:
     return None if value.lower() in ("", "0", "off", "none") else value
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

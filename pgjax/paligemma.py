@@ -64,6 +64,14 @@ def full_masks(mask_ar_BT, mask_input_BT, num_image_tokens: int):
   return mask_ar_BN, mask_input_BN
 
 
+def last_layer_at_text_only(cfg: PaliGemmaConfig) -> bool:
+  """Whether the teacher-forced forward runs the last LLM layer's queries, output projection and MLP at
+  text positions only (its keys and values everywhere): without remat. Under remat the split-off last layer
+  makes the backward keep a second, full-size gradient of the trainable layers (+0.63 GiB at 3B-224 batch 8
+  with remat "full"), and remat is chosen for memory."""
+  return cfg.remat == "none"
+
+
 def forward(params: dict, image_BHWC, text_BT, mask_ar_BT, *, cfg: PaliGemmaConfig, mask_input_BT=None,
             return_attn: bool = False, return_logits: bool = True):
   """Teacher-forced forward (big_vision's `Model.__call__`). Returns (text logits [B, T, V], aux).
@@ -86,10 +94,8 @@ def forward(params: dict, image_BHWC, text_BT, mask_ar_BT, *, cfg: PaliGemmaConf
   mask_BNN = make_attn_mask(mask_input_BN, mask_ar_BN)
   positions_BN = jnp.broadcast_to(jnp.arange(N), (B, N))
   # Only text positions are wanted, so the last layer can run its queries, output projection and MLP there
-  # alone (bench-small's train step: 14% fewer FLOPs; a 3B's: 4%). Not under remat: there the split-off last
-  # layer makes the backward keep a second, full-size gradient of the trainable layers (+0.63 GiB at 3B-224
-  # batch 8 with remat "full"), and remat is chosen for memory. Not with return_attn (every query wanted).
-  out_start = P if cfg.remat == "none" and not return_attn else None
+  # alone (bench-small's train step: 14% fewer FLOPs; a 3B's: 4%); not with return_attn (every query wanted).
+  out_start = P if last_layer_at_text_only(cfg) and not return_attn else None
   pre_logits_BND, llm_aux = gemma.forward(params["llm"], x_BND, positions_BN, mask_BNN, cfg=cfg.llm,
                                           remat=cfg.remat, return_attn=return_attn, out_start=out_start)
   pre_logits_BTD = pre_logits_BND if out_start is not None else pre_logits_BND[:, P:]

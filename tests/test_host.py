@@ -115,6 +115,9 @@ def test_cache_dir_defaults(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   assert host.default_cache_dir() == str(tmp_path / "pgjax" / "xla")
   assert host.enable_compilation_cache(None) is None
+  # A flag's value comes before the environment, with the same "off".
+  assert host.default_cache_dir("off") is None
+  assert host.default_cache_dir(str(tmp_path / "flag")) == str(tmp_path / "flag")
 
 
 def test_compiler_options_on_cpu_and_their_opt_outs(monkeypatch):
