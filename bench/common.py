@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -22,16 +23,25 @@ from pgjax import host
 
 GiB = 1 << 30
 
-# Dense peaks by device kind, in FLOP/s, from the vendors' datasheets (no sparsity). Keys are matched as
-# substrings of jax's device_kind, first match wins. "f32" is the plain (non-tensor-core) rate, "tf32" what
-# float32 matmuls reach where XLA/cuBLAS use TF32 tensor cores (JAX's default precision on Ampere and later).
+# Dense peaks by device kind, in FLOP/s, from the vendors' datasheets (no sparsity). Keys are matched as whole
+# words of jax's device_kind ("NVIDIA H100 PCIe", "NVIDIA L40S", "Tesla T4"), first match wins, so the
+# specific variants come before the family. "f32" is the plain (non-tensor-core) rate, "tf32" what float32
+# matmuls reach where XLA/cuBLAS use TF32 tensor cores (JAX's default precision on Ampere and later); devices
+# without TF32 (T4, V100) run float32 matmuls at the "f32" rate whatever the precision.
 GPU_PEAKS = [
-    ("H200", {"bf16": 989e12, "f16": 989e12, "tf32": 495e12, "f32": 67e12}),
-    ("H100", {"bf16": 989e12, "f16": 989e12, "tf32": 495e12, "f32": 67e12}),  # SXM; PCIe is ~25% lower
+    ("H100 PCIe", {"bf16": 756e12, "f16": 756e12, "tf32": 378e12, "f32": 51e12}),
+    ("H100 NVL", {"bf16": 835e12, "f16": 835e12, "tf32": 418e12, "f32": 60e12}),
+    ("H200 NVL", {"bf16": 835e12, "f16": 835e12, "tf32": 418e12, "f32": 60e12}),
+    ("H200", {"bf16": 989e12, "f16": 989e12, "tf32": 495e12, "f32": 67e12}),  # SXM
+    ("H100", {"bf16": 989e12, "f16": 989e12, "tf32": 495e12, "f32": 67e12}),  # SXM
     ("A100", {"bf16": 312e12, "f16": 312e12, "tf32": 156e12, "f32": 19.5e12}),
+    # The A10G has no public datasheet; these are the A10's rates (same GA102 chip).
+    ("A10G", {"bf16": 125e12, "f16": 125e12, "tf32": 62.5e12, "f32": 31.2e12}),
+    ("A10", {"bf16": 125e12, "f16": 125e12, "tf32": 62.5e12, "f32": 31.2e12}),
+    ("L40S", {"bf16": 366e12, "f16": 366e12, "tf32": 183e12, "f32": 91.6e12}),
     ("L4", {"bf16": 121e12, "f16": 121e12, "tf32": 60e12, "f32": 30.3e12}),
     ("T4", {"f16": 65e12, "f32": 8.1e12}),  # no bf16, no TF32
-    ("V100", {"f16": 125e12, "f32": 15.7e12}),
+    ("V100", {"f16": 125e12, "f32": 15.7e12}),  # no bf16, no TF32
 ]
 
 
@@ -110,15 +120,17 @@ def timed(fn, *args, **kw):
   return time.perf_counter() - t0, out
 
 
-def emit(bench: str, config: dict, extra_versions: tuple = (), **figures) -> dict:
-  """Prints one JSON line and returns it as a dict. Non-finite floats become null (JSON has no NaN)."""
+def emit(bench: str, config: dict, extra_versions: tuple = (), device: str | None = None, **figures) -> dict:
+  """Prints one JSON line and returns it as a dict. Non-finite floats become null (JSON has no NaN).
+  `device`: as `device_kind()` says it, from a process that measured on it (so this one need not start a
+  backend, which on a GPU would take most of its memory)."""
   def clean(x):
     if isinstance(x, float) and not math.isfinite(x):
       return None
     if isinstance(x, dict):
       return {k: clean(v) for k, v in x.items()}
     return x
-  record = {"bench": bench, "machine": machine(), "device": device_kind(), "versions": versions(*extra_versions),
+  record = {"bench": bench, "machine": machine(), "device": device or device_kind(), "versions": versions(*extra_versions),
             "config": config, **{k: clean(v) for k, v in figures.items()}}
   print(json.dumps(record), flush=True)
   return record
@@ -140,17 +152,32 @@ def cpu_matmul_peak(n: int = 2048, reps: int = 10) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
+def gpu_peaks(device_kind: str) -> tuple[str | None, dict | None]:
+  """(GPU_PEAKS key, its rates) of the first key that stands as whole words in `device_kind`, else (None, None)."""
+  for key, peaks in GPU_PEAKS:
+    if re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", device_kind):
+      return key, peaks
+  return None, None
+
+
 def device_peak(dtype: str) -> tuple[float | None, str]:
   """(peak FLOP/s, where it comes from) for matmuls of `dtype` ("f32", "tf32", "bf16", "f16") on device 0."""
   d = jax.devices()[0]
   if d.platform == "cpu":
     return cpu_matmul_peak(), "measured: jitted 2048^3 float32 matmul, median of 10"
-  for key, peaks in GPU_PEAKS:
-    if key in d.device_kind:
-      if dtype in peaks:
-        return peaks[dtype], f"datasheet: {key} dense {dtype}"
-      return None, f"datasheet: {key} has no {dtype} rate"
-  return None, f"no known peak for {d.device_kind}"
+  return gpu_peak(d.device_kind, dtype)
+
+
+def gpu_peak(device_kind: str, dtype: str) -> tuple[float | None, str]:
+  """(peak FLOP/s, where it comes from) for matmuls of `dtype` on a GPU of that kind, from GPU_PEAKS."""
+  key, peaks = gpu_peaks(device_kind)
+  if peaks is None:
+    return None, f"no known peak for {device_kind}"
+  if dtype == "tf32" and "tf32" not in peaks:
+    return peaks["f32"], f"datasheet: {key} dense f32 (no TF32 cores: float32 matmuls run at the FP32 rate)"
+  if dtype in peaks:
+    return peaks[dtype], f"datasheet: {key} dense {dtype}"
+  return None, f"datasheet: {key} has no {dtype} rate"
 
 
 def torch_setup():

@@ -98,7 +98,7 @@ def child(path: str, name: str, scale: float) -> None:
   print(json.dumps({"load_s": load_s, "peak_rss_bytes": status_bytes("VmHWM"), "rss_before_bytes": before,
                     "rss_after_bytes": status_bytes("VmRSS"), "num_leaves": len(leaves),
                     "params_bytes": sum(x.nbytes for x in leaves), "largest_leaf_bytes": max(x.nbytes for x in leaves),
-                    "params_device": str(leaves[0].devices().pop().platform)}))
+                    "params_device": str(leaves[0].devices().pop().platform), "device": common.device_kind()}))
 
 
 def drop_page_cache(path: str) -> bool:
@@ -152,9 +152,12 @@ def main(argv=None):
       if out.returncode:
         raise SystemExit(f"the loading process failed ({out.returncode}):\n{out.stderr[-4000:]}")
       r = json.loads(out.stdout.strip().splitlines()[-1])
+      # The device as the child saw it: this process never starts a backend, which on a GPU would preallocate
+      # most of its memory while the next child loads.
+      device = r.pop("device")
       over = r["peak_rss_bytes"] - r["params_bytes"]
       common.emit("load", {"name": args.config, "scale": args.scale, "dtype": "float16", "file_bytes": size,
-                           "page_cache": "dropped (fadvise)" if dropped else cache},
+                           "page_cache": "dropped (fadvise)" if dropped else cache}, device=device,
                   write_s=write_s, write_gib_per_s=size / common.GiB / write_s if write_s else None,
                   **r, load_gib_per_s=size / common.GiB / r["load_s"], peak_rss_gib=r["peak_rss_bytes"] / common.GiB,
                   params_gib=r["params_bytes"] / common.GiB, rss_over_params_gib=over / common.GiB,

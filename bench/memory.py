@@ -39,6 +39,7 @@ ALL_MODELS = [("paligemma-3b-224", 128), ("paligemma-3b-448", 128), ("paligemma-
               ("paligemma2-10b-224", 128)]
 DEFAULT_CASES = [("paligemma-3b-224", 128, 8, "none"), ("paligemma-3b-224", 128, 8, "full"),
                  ("paligemma-3b-224", 128, 16, "full"), ("paligemma-3b-448", 128, 8, "full"),
+                 ("paligemma-3b-896", 128, 8, "full"),
                  ("paligemma2-3b-224", 128, 8, "full"), ("paligemma2-10b-224", 128, 8, "full")]
 
 

@@ -37,15 +37,19 @@ def matmul_flops(cfg: config.PaliGemmaConfig, batch: int, text_len: int) -> dict
   gradient w.r.t. each matmul's activation input (to reach the attention params of lower layers; under
   `scan` even the bottom layer computes it), both operands of the two attention-core matmuls, and weight
   gradients for the trainable q/kv/out projections only; the output head's gradient w.r.t. pre-logits
-  only (the table is frozen). remat "full" recomputes each LLM layer's forward once more ("executed"; MFU
-  counts the model's FLOPs without it).
+  only (the table is frozen).
 
-  Without remat, the last LLM layer computes its queries, output projection and MLP at the text positions
-  only (`paligemma.forward`'s out_start; its keys and values everywhere): "step" counts that, and
-  "straightforward" the same step with every layer at every position (DESIGN's ~117 GFLOP for bench-small).
+  "step", the model's FLOPs (what MFU counts), is the least the step needs: the last LLM layer's queries,
+  output projection and MLP at the text positions only (its keys and values everywhere), whatever the
+  remat. "straightforward" is the same step with every layer at every position (the design's ~117 GFLOP
+  for bench-small). "executed" is what the compiled step computes (what HFU counts): without remat the cut
+  (`paligemma.forward`'s out_start); with remat every layer at every position, plus the recomputed forward:
+  "full" recomputes each LLM layer's forward but its MLP output projection (the backward needs that dot's
+  input, never its output, so JAX drops it; Gemma 2's post-norm does read it), "dots" only the two
+  attention-core matmuls (the dots with batch dimensions, which its policy does not save).
 
-  Returns the step's total and the count XLA's cost analysis sees, which counts the scan's body once (and
-  the split-off last layer once).
+  Also returns the count XLA's cost analysis sees, which counts the scan's body once (and the split-off last
+  layer once).
   """
   v, t = cfg.vision, cfg.llm
   B, T, P = batch, text_len - 1, cfg.num_image_tokens
@@ -64,19 +68,27 @@ def matmul_flops(cfg: config.PaliGemmaConfig, batch: int, text_len: int) -> dict
     return fwd, fwd + attn_core + attn_proj
 
   fwd, bwd = llm_layer(S)
-  split = paligemma.last_layer_at_text_only(cfg)  # then the last layer runs outside the scan
-  last_fwd, last_bwd = llm_layer(T) if split else (fwd, bwd)
-  recompute = fwd if cfg.remat == "full" else 0
+  text_fwd, text_bwd = llm_layer(T)  # the last layer, cut to the text positions
+  # "full" skips recomputing the MLP's output projection unless a post-norm (Gemma 2) reads its output.
+  full = fwd if t.post_norms else fwd - mm(B, S, F, D)
+  recompute = {"none": 0, "full": full, "dots": 2 * mm(B, N, S, S, H)}[cfg.remat]
+  split = paligemma.last_layer_at_text_only(cfg)  # the step runs the cut last layer outside the scan
   head = mm(B, T, D, t.vocab_size)
   outer = vis_outer + 2 * head
   vision = v.depth * vis_layer
-  step = outer + vision + (t.depth - 1) * (fwd + bwd) + last_fwd + last_bwd
+  step = outer + vision + (t.depth - 1) * (fwd + bwd) + text_fwd + text_bwd
+  straightforward = outer + vision + t.depth * (fwd + bwd)
+  # transformers' step (HFStep): every layer at every position, the output head at the image positions too
+  # (and its input gradient there, zeros included), and no input gradient for the bottom layer's q/k/v
+  # projections (autograd skips what nothing trainable needs).
+  hf = straightforward + 2 * mm(B, P, D, t.vocab_size) - mm(B, S, D, N * H) - mm(B, S, D, 2 * K * H)
   return {
       "step": step,  # the model's FLOPs, what MFU counts
-      "straightforward": outer + vision + t.depth * (fwd + bwd),
-      "executed": step + t.depth * recompute,  # plus remat's recomputation
-      "scan_once": outer + vis_layer + fwd + bwd + recompute + (last_fwd + last_bwd if split else 0),
-      "forward": vis_outer + vision + (t.depth - 1) * fwd + last_fwd + head,
+      "straightforward": straightforward,
+      "executed": step if split else straightforward + t.depth * recompute,  # what HFU counts
+      "scan_once": outer + vis_layer + fwd + bwd + recompute + (text_fwd + text_bwd if split else 0),
+      "hf": hf,
+      "forward": vis_outer + vision + (t.depth - 1) * fwd + (text_fwd if split else fwd) + head,
       "llm_layer_fwd": fwd, "llm_layer_bwd": bwd, "vision_layer": vis_layer, "head": head,
   }
 
@@ -203,7 +215,9 @@ def main(argv=None):
   hf = None
   if args.vs == "hf":
     common.note("building the transformers model")
-    hf = HFStep(params, cfg, batch_np, args.lr)
+    # From the weights pgjax trains with: with --frozen-dtype float16 the frozen ones rounded to it, then
+    # float32 in transformers as in pgjax's matmuls, so both compute the same function.
+    hf = HFStep(jax.tree.map(lambda x: x.astype(jnp.float32), train.merge(trainable, frozen)), cfg, batch_np, args.lr)
   del params
 
   # Time to the first step = trace and lower + compile + the first run. The timed steps call the same
@@ -258,7 +272,7 @@ def main(argv=None):
       # elementwise ops it also counts) is the same as over the whole scan-once count.
       "flops_xla_scaled": xla_flops * flops["executed"] / flops["scan_once"],
       "flops_hand_executed": flops["executed"],
-      # DESIGN's count: every layer at every position. Divided by the median, the rate a step computing all
+      # The design's count: every layer at every position. Divided by the median, the rate a step computing all
       # of it would need to match this one; comparable with runs before the last layer was cut to text.
       "flops_hand_straightforward": flops["straightforward"],
       "straightforward_flops_per_s": flops["straightforward"] / med,
@@ -282,7 +296,7 @@ def main(argv=None):
         "hf": hst, "hf_first_step_s": hf_first_s, "hf_loss_first_step": hf_loss_first,
         "hf_device": str(hf.dev), "hf_torch_threads": hf.torch.get_num_threads(),
         "hf_tf32": bool(hf.torch.backends.cuda.matmul.allow_tf32) if hf.dev.type == "cuda" else None,
-        "hf_achieved_flops_per_s": flops["step"] / hst["median_s"],
+        "flops_hand_hf": flops["hf"], "hf_achieved_flops_per_s": flops["hf"] / hst["median_s"],
         "hf_to_pgjax_step_ratio": hst["median_s"] / med,
     })
   common.emit("train_step", {
