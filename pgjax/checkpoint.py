@@ -39,6 +39,11 @@ from pgjax import paligemma
 
 _PREFIX = "params/"
 _BF16_AS_VOID, _BF16 = np.dtype("V2"), np.dtype(ml_dtypes.bfloat16)
+# Leaf dtypes a checkpoint may hold. Weights are floating point; anything else (int, bool, complex, bytes,
+# big-endian) would load and compute nonsense or fail later naming no key. Integers are allowed only outside the
+# two towers, for the optimizer step counts loop.py saves in opt_state.npz (keys "0000", ...).
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), _BF16_AS_VOID)
+_PARAM_TOWERS = ("img/", "llm/")
 _READ_HEADER = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _PART_RE = re.compile(r"^(.*)\.part[-_]?(\d+)$")
 # Shape-determined fields; everything else in a config cannot be read off a checkpoint.
@@ -195,10 +200,28 @@ def _members(zf: zipfile.ZipFile, path) -> dict[str, tuple[zipfile.ZipInfo, tupl
       raise CheckpointError(f"{path}, key {key!r}: holds a pickled object array (dtype {dtype}); "
                             "checkpoints are data, never code, so it is not unpickled")
     key = key.removeprefix(_PREFIX)
+    _check_dtype(path, key, dtype)
     if key in out:
       raise CheckpointError(f"{path}: key {key!r} occurs twice (with and without {_PREFIX!r})")
     out[key] = (info, tuple(shape), _BF16 if dtype == _BF16_AS_VOID else dtype)
   return out
+
+
+def _check_dtype(path, key: str, dtype: np.dtype) -> None:
+  """Refuses a member whose header dtype cannot be a leaf, before its data is read.
+
+  Values are not scanned for NaN/Inf here: that is a full pass over every byte. Training stops on a
+  non-finite loss or params (loop.py); `train.all_finite(params)` checks a loaded tree on demand.
+  """
+  if dtype in _FLOAT_DTYPES:
+    return
+  if dtype.kind in "iu" and dtype.isnative and not key.startswith(_PARAM_TOWERS):
+    return
+  allowed = "float16, float32, float64 or bfloat16 (stored as 'V2')"
+  if not key.startswith(_PARAM_TOWERS):
+    allowed += ", or an integer for optimizer state"
+  raise CheckpointError(f"{path}, key {key!r}: dtype {dtype} is not a checkpoint leaf type; "
+                        f"expected {allowed}")
 
 
 def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path, key: str) -> np.ndarray:

@@ -257,10 +257,11 @@ def read_jsonl(path, *, image_dir=None, skip_bad: bool = False, validate_images:
   it. Other fields ("answers", ...) are kept; "_source" is "file:line". Blank lines are ignored.
 
   Problems found here: malformed JSON or UTF-8, a row that is not an object, "image" or "prefix"
-  missing or empty, wrong types, several images in one row (one image per example is supported), a
-  missing image file and, by `validate_images`, unreadable images: "header" (default) opens each file
-  and runs Pillow's verify (fast: catches non-images, wrong formats, bad PNG checksums, oversized
-  images); "full" decodes every image (catches truncated JPEGs too, costs one epoch of decoding);
+  missing or empty, wrong types ("answers"/"references", when present, are lists of strings), text
+  that is not valid Unicode (a lone surrogate escape), several images in one row (one image per
+  example is supported), a missing image file and, by `validate_images`, unreadable images: "header"
+  (default) opens each file and runs Pillow's verify (fast: catches non-images, wrong formats, bad PNG
+  checksums, oversized images); "full" decodes every image (catches truncated JPEGs too, costs one epoch of decoding);
   "none" only checks that the files exist. An image that fails later, while training, raises there.
   All problems are collected; the first in file order raises ValueError "file:line: problem (and N
   more)". With skip_bad=True those rows are dropped and listed in `.skipped` instead.
@@ -352,6 +353,47 @@ def _json_type(x) -> str:
           int: "a number", float: "a number"}.get(type(x), type(x).__name__)
 
 
+# Optional per-row targets that evaluate.py and viz.py read as lists of strings: VQA answers, caption references.
+_TARGET_LISTS = ("answers", "references")
+
+
+def _check_unicode(value, where: str) -> None:
+  """Every string in a row (keys too, nested ones included) must be encodable as UTF-8. JSON can escape half a
+  UTF-16 pair ("\\ud83d") into a str that cannot: sentencepiece (C++) then fails deep inside training naming no
+  row, and so do printing it and writing it to a UTF-8 file. `where` names the field, e.g. '"answers"[2]'."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise _BadRow(f"{where} is not valid Unicode: lone surrogate {_printable(value[e.start])} at character "
+                    f"{e.start} (e.g. a JSON escape of half a UTF-16 pair)") from None
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      name = f'{where}."{_printable(k)}"' if where else f'"{_printable(k)}"'
+      _check_unicode(k, f"key {name}")
+      _check_unicode(v, name)
+  elif isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      _check_unicode(v, f"{where}[{i}]")
+
+
+def _printable(text) -> str:
+  """`text` with surrogates written as \\udXXX escapes, so an error message naming it can itself be printed."""
+  return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_text_list(key: str, value) -> None:
+  """null or absent, or a list of strings. Any other value would be iterated by the scorer (a dict's keys,
+  a string's characters) and score wrong without an error."""
+  if value is None:
+    return
+  if not isinstance(value, (list, tuple)):
+    raise _BadRow(f'"{key}" must be a list of strings, got {_json_type(value)}')
+  for i, item in enumerate(value):
+    if not isinstance(item, str):
+      raise _BadRow(f'"{key}"[{i}] must be a string, got {_json_type(item)}')
+
+
 def _make_row(obj, source, resolve) -> dict:
   if not isinstance(obj, dict):
     raise _BadRow(f"expected a JSON object, got {_json_type(obj)}")
@@ -366,6 +408,9 @@ def _make_row(obj, source, resolve) -> dict:
     raise _BadRow(f'"prefix" must be a string, got {_json_type(prefix)}')
   if suffix is not None and not isinstance(suffix, str):
     raise _BadRow(f'"suffix" must be a string, got {_json_type(suffix)}')
+  for key in _TARGET_LISTS:
+    _check_text_list(key, obj.get(key))
+  _check_unicode(obj, "")
   row = dict(obj, image=resolve(image), _source=source)
   if suffix is None:
     row.pop("suffix", None)  # null means "no suffix": a prompt only

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,43 @@ def test_pickled_member_refused(tmp_path):
   with pytest.raises(ValueError):  # and save never writes one
     checkpoint.save(tmp_path / "out.npz", {"a": np.array([{}], dtype=object)})
   assert not (tmp_path / "out.npz").exists()
+
+
+@pytest.mark.parametrize("bad", [np.array([[1, 2]], np.int32), np.array([True, False]),
+                                 np.array([1 + 2j], np.complex64), np.array([b"abcd"], "S4"), np.array(["ab"], "U2"),
+                                 np.array([1.5], ">f4"), np.zeros(1, [("a", "i1"), ("b", "i1")])],
+                         ids=["int32", "bool", "complex64", "bytes", "str", "big-endian", "structured-2-byte"])
+def test_non_float_leaf_refused_naming_file_key_and_dtype(tmp_path, bad):
+  """A weight must be float16/32/64 or bfloat16: anything else used to load and compute nonsense, or fail later
+  naming no key. Refused from the header, before any data is read, whatever the entry point."""
+  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(_params("tiny-gemma1-mqa")).items()}
+  flat["llm/layers/attn/q_einsum/w"] = bad
+  np.savez(tmp_path / "odd.npz", **flat)
+  msg = rf"odd\.npz, key 'llm/layers/attn/q_einsum/w': dtype {re.escape(str(bad.dtype))} is not a checkpoint leaf type"
+  for fn in (checkpoint.load, checkpoint.read_shapes, checkpoint.infer_config,
+             lambda p: checkpoint.load(p, config.get("tiny-gemma1-mqa"), dtype=jnp.float32),
+             lambda p: list(checkpoint.iter_arrays(p))):
+    with pytest.raises(checkpoint.CheckpointError, match=msg):
+      fn(tmp_path / "odd.npz")
+
+
+def test_float_dtypes_and_optimizer_step_counts_load(tmp_path):
+  """float16/32/64 and bf16 ('V2' on disk) weights load; integers load only outside img/ and llm/: the optimizer
+  state loop.py saves holds optax's int32 step count (under keys "0000", ...)."""
+  import ml_dtypes
+  np.savez(tmp_path / "f.npz", **{"llm/a": np.array([0.5], np.float16), "llm/b": np.array([0.25], np.float32),
+                                  "llm/c": np.array([2.0], np.float64),
+                                  "img/d": np.array([1.5], ml_dtypes.bfloat16).view("V2")})
+  loaded = checkpoint.flatten(checkpoint.load(tmp_path / "f.npz"))
+  f64 = "float64" if jax.config.x64_enabled else "float32"  # jax's own narrowing, not the loader's
+  assert {k: (str(v.dtype), float(v[0])) for k, v in loaded.items()} == {
+      "llm/a": ("float16", 0.5), "llm/b": ("float32", 0.25), "llm/c": (f64, 2.0), "img/d": ("bfloat16", 1.5)}
+  checkpoint.save(tmp_path / "opt.npz", {"0000": np.array(7, np.int32), "0001": np.array([0.5], np.float32)})
+  opt = checkpoint.load(tmp_path / "opt.npz")
+  assert opt["0000"].dtype == np.int32 and int(opt["0000"]) == 7 and float(opt["0001"][0]) == 0.5
+  np.savez(tmp_path / "flag.npz", **{"0000": np.array(True)})  # not even optimizer state holds a bool
+  with pytest.raises(checkpoint.CheckpointError, match=r"flag\.npz, key '0000': dtype bool .*or an integer"):
+    checkpoint.load(tmp_path / "flag.npz")
 
 
 def test_mismatch_lists_every_problem_in_one_error(tmp_path):

@@ -105,6 +105,23 @@ BAD_ROWS = {
     "suffix not str": (dict(image="images/1.png", prefix="caption en", suffix=3), r'"suffix" must be a string'),
     "missing file": (dict(image="images/nope.png", prefix="caption en"), r"image file not found: .*nope\.png"),
     "corrupt image": (dict(image="images/junk.png", prefix="caption en"), r"junk\.png: cannot decode image"),
+    # Valid JSON escapes of half a UTF-16 pair: a str that cannot become UTF-8 (sentencepiece crashed on it).
+    "lone surrogate prefix": (r'{"image": "images/1.png", "prefix": "\ud83d", "suffix": "a"}',
+                              r'"prefix" is not valid Unicode: lone surrogate \\ud83d at character 0'),
+    "lone surrogate suffix": (r'{"image": "images/1.png", "prefix": "caption en", "suffix": "ab\ude00"}',
+                              r'"suffix" is not valid Unicode: lone surrogate \\ude00 at character 2'),
+    "lone surrogate answer": (r'{"image": "images/1.png", "prefix": "answer en", "answers": ["x", "\udfff"]}',
+                              r'"answers"\[1\] is not valid Unicode: lone surrogate \\udfff at character 0'),
+    "lone surrogate other field": (r'{"image": "images/1.png", "prefix": "x", "suffix": "y", "meta": {"id": "\ud800"}}',
+                                   r'"meta"\."id" is not valid Unicode'),
+    "answers object": (dict(image="images/1.png", prefix="answer en what", answers={"yes": 3}),
+                       r'"answers" must be a list of strings, got an object'),
+    "answers string": (dict(image="images/1.png", prefix="answer en what", suffix="yes", answers="yes"),
+                       r'"answers" must be a list of strings, got a string'),
+    "answer not str": (dict(image="images/1.png", prefix="answer en what", answers=["yes", 2]),
+                       r'"answers"\[1\] must be a string, got a number'),
+    "references object": (dict(image="images/1.png", prefix="caption en", references={"a": "cat"}),
+                          r'"references" must be a list of strings, got an object'),
 }
 
 
@@ -119,6 +136,18 @@ def test_bad_rows(folder, kind):
   assert [r["_source"] for r in rows] == [f"{path}:{n}" for n in (1, 2, 4)]
   assert len(rows.skipped) == 1 and rows.skipped[0][0] == f"{path}:3"
   assert re.search(problem, rows.skipped[0][1])
+
+
+def test_surrogate_pairs_and_target_lists_accepted(folder):
+  """A surrogate *pair* escape is one valid character; null/empty targets mean "none", as evaluate reads them."""
+  pair = r'{"image": "images/1.png", "prefix": "caption \ud83d\ude00", "suffix": "\u00e9"}'
+  path = _write(folder / "ok.jsonl", [pair,
+                                      dict(image="images/1.png", prefix="answer en", suffix="a", answers=None),
+                                      dict(image="images/1.png", prefix="answer en", answers=[]),
+                                      dict(image="images/1.png", prefix="caption en", references=["a cat", "the cat"])])
+  rows = read_jsonl(path)
+  assert rows[0]["prefix"] == "caption \U0001F600" and rows[0]["suffix"] == "\u00e9"
+  assert rows[1]["answers"] is None and rows[2]["answers"] == [] and rows[3]["references"] == ["a cat", "the cat"]
 
 
 def test_all_problems_reported_in_line_order(folder):
