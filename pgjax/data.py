@@ -5,7 +5,8 @@ and big_vision's `decode|resize(res)|value_range(-1, 1)`, without TensorFlow:
 
   decode    any PIL mode -> float RGB in [0, 255]; grey replicated, alpha dropped WITHOUT compositing
             (as TF's `decode_image(channels=3)` and Pillow's `convert("RGB")`); 16-bit scaled, not
-            clipped; EXIF orientation applied.
+            clipped; EXIF orientation applied (TF's decoder, hence big_vision, ignores it: the one
+            deliberate difference, so photos come out as viewers show them).
   resize    to size x size, per channel in float. Pillow's BILINEAR on 'F' images antialiases when
             shrinking and equals TF's antialiased bilinear to ~2e-5. antialias=False is TF's plain
             half-pixel bilinear (about half of big_vision's transfer configs use it).
