@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import math
 import os
+import re
 import sys
 import time
 
@@ -90,6 +93,9 @@ def _model(args, dtype=None):
 
 def _rows(path, image_dir, skip_bad, what):
   from pgjax import data
+  if os.path.isdir(path):  # open() would fail with a bare IsADirectoryError
+    flag = {"train": "--train", "val": "--val", "eval": "--data"}.get(what, "data")
+    raise ValueError(f"{flag} {path}: is a folder; pass the JSONL file inside it")
   rows = data.read_jsonl(path, image_dir=image_dir, skip_bad=skip_bad)
   for source, reason in rows.skipped:
     print(f"skipped {source}: {reason}", file=sys.stderr)
@@ -110,6 +116,63 @@ def _demo_defaults(args):
     if getattr(args, k) is None:
       setattr(args, k, v)
   return demo.questions("train"), demo.questions("test")
+
+
+def lr_schedule(name: str, base: float, steps: int, warmup: float):
+  """The learning rate for steps 1..`steps`. big_vision's recipe (the PaliGemma notebook) builds its
+  schedule over total_steps = TRAIN_STEPS + 1 and evaluates it at steps 1..TRAIN_STEPS, so the decay
+  reaches 0 one step after the last and the last step still learns; a schedule over `steps` would give
+  the last step lr 0, a wasted step. Warmup steps are round(warmup * (steps + 1)), as big_vision's."""
+  from pgjax import train
+  return train.schedule(name, base, steps + 1, warmup)
+
+
+def _data_identity(rows) -> dict:
+  """The training data as state.json records it for resume: the example count and a SHA-256 of each
+  row's prefix, suffix and image path relative to the images' common folder, in order. A resumed run
+  must see the same examples in the same order; image bytes are not read (that is an epoch of I/O), and
+  the relative paths let the data folder move."""
+  images = [os.path.abspath(r["image"]) if isinstance(r["image"], str) else "" for r in rows]
+  common = os.path.commonpath([os.path.dirname(i) for i in images]) if images and all(images) else ""
+  h = hashlib.sha256()
+  for r, image in zip(rows, images):
+    name = os.path.relpath(image, common) if common else image
+    h.update(json.dumps([name, r["prefix"], r.get("suffix")]).encode() + b"\n")
+  return {"examples": len(rows), "sha256": h.hexdigest()}
+
+
+def _out_dir(args) -> str:
+  out = args.out or os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S"))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out}: exists and is not a folder")
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out {out}: cannot make the folder ({e.strerror})") from None
+  return out
+
+
+def _resume_point(out, args, identity):
+  """The checkpoint this run continues (loop.resume_point), checked before anything is loaded or
+  evaluated, with the flags that resolve a refusal; None for a fresh run."""
+  from pgjax import loop
+  if args.no_resume:
+    return None
+  try:
+    point = loop.resume_point(out, num_steps=args.steps, expect=identity, resume_anyway=args.resume_anyway)
+  except loop.SettingsChanged as e:
+    raise ValueError(f"{e}\n--resume-anyway resumes all the same; --no-resume starts over (moving the old "
+                     f"checkpoints aside to checkpoints.old-N)") from None
+  except loop.NothingToTrain as e:
+    raise ValueError(f"{e}\na larger --steps continues the run; --no-resume starts over (moving the old "
+                     f"checkpoints aside to checkpoints.old-N)") from None
+  if point is not None:
+    changed = loop.changed_settings(point[1], identity)
+    if changed:
+      print("pgjax finetune: --resume-anyway: resuming with changed settings:\n  " + "\n  ".join(changed),
+            file=sys.stderr)
+    print(f"resuming from {point[0]} (step {point[1]['step']})", flush=True)
+  return point
 
 
 def cmd_finetune(args) -> int:
@@ -139,14 +202,19 @@ def cmd_finetune(args) -> int:
   if cfg.llm.final_logits_softcap and not args.keep_final_softcap:
     # big_vision's fine-tuning recipes set Gemma 2's final soft cap to 0 ("better for transfer").
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, final_logits_softcap=0.0))
-  out = args.out or os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S"))
-  os.makedirs(out, exist_ok=True)
+  out = _out_dir(args)
   predicate = train.make_predicate(args.trainable)
+  optimizer = train.Optimizer(name=args.optimizer, weight_decay=args.weight_decay)
+  # What a resume must match besides the seed and optimizer (loop.resume_identity), in state.json.
+  identity = loop.resume_identity(args.seed, optimizer, {
+      "checkpoint": os.path.abspath(ckpt), "trainable": args.trainable or ["llm/layers/attn/.*"],
+      "batch_size": args.batch_size, "train_data": _data_identity(train_rows)})
   frozen_dtype = jnp.dtype(args.frozen_dtype)
   mesh = sharding.make_mesh(model=args.model_parallel)
   print(f"pgjax finetune: {'demo (easy-vqa), ' if is_demo else ''}{len(train_rows)} train / {len(val_rows)} val "
         f"examples; {jax.device_count()} device(s) {dict(mesh.shape)}; frozen params {frozen_dtype}, trainable "
         f"float32; out {out}", flush=True)
+  resuming = _resume_point(out, args, identity) is not None  # refused here, before the checkpoint loads
 
   t0 = time.time()
   params = checkpoint.load(ckpt, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
@@ -172,7 +240,6 @@ def cmd_finetune(args) -> int:
     return res
 
   # A resumed run appends to its log; a fresh one starts it anew.
-  resuming = not args.no_resume and loop.latest(out) is not None
   metrics_log = open(os.path.join(out, "metrics.jsonl"), "a" if resuming else "w")
 
   def log(record):
@@ -182,7 +249,7 @@ def cmd_finetune(args) -> int:
   before = run_eval(val_rows, "before", trainable)
   if before:
     log({"step": 0, "eval": before["metrics"]})
-  schedule = train.schedule(args.schedule, args.lr, args.steps, args.warmup)
+  schedule = lr_schedule(args.schedule, args.lr, args.steps, args.warmup)
   bar = _Progress(args.steps, "train")
   eval_points = []
 
@@ -199,15 +266,14 @@ def cmd_finetune(args) -> int:
   batches = lambda start: (sharding.shard_batch(b, mesh) for b in data.train_batches(
       train_rows, tok, batch_size=args.batch_size, size=cfg.vision.image_size, max_len=args.max_len, seed=args.seed,
       start_step=start, truncate=args.truncate))
-  optimizer = train.Optimizer(name=args.optimizer, weight_decay=args.weight_decay)
   t_train = time.time()
   try:
     trainable, _, history = loop.fit(
         cfg, trainable, frozen, batches, num_steps=args.steps, lr_schedule=schedule, out_dir=out,
         optimizer=optimizer, clip_norm=args.clip, accum_steps=args.accum, mesh=mesh,
         save_every=args.save_every or args.steps, resume=not args.no_resume, seed=args.seed, on_step=on_step,
-        eval_fn=eval_fn if val_subset else None, eval_every=args.eval_every,
-        extra_state={"checkpoint": ckpt, "trainable": str(args.trainable or "llm/layers/attn/.*")})
+        eval_fn=eval_fn if val_subset else None, eval_every=args.eval_every, resume_anyway=args.resume_anyway,
+        extra_state={k: v for k, v in identity.items() if k not in ("seed", "optimizer")})
   except loop.Diverged as e:
     print(f"pgjax finetune: {e}", file=sys.stderr)
     return 3
@@ -326,6 +392,38 @@ def cmd_inspect(args) -> int:
 # ----------------------------------------------------------------------------------------------- main
 
 
+def _checked(kind, ok, need):
+  """An argparse type: kind(text), refused unless ok(value). Refusing here, before anything loads, lets
+  argparse name the flag ("argument --steps: expected an integer >= 1, got 0") and exit 2. A negative
+  count would otherwise slice lists from the end (dropping rows silently) or make no sense at all."""
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {need}, got {text!r}") from None
+    if not ok(value):
+      raise argparse.ArgumentTypeError(f"expected {need}, got {text}")
+    return value
+  return parse
+
+
+_AT_LEAST_1 = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_AT_LEAST_0 = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_FRACTION = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _regex(text):
+  """An argparse type: a pattern that compiles (a typo is named with the flag, not a traceback)."""
+  try:
+    re.compile(text)
+  except re.error as e:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({e})") from None
+  return text
+
+
 def _parser():
   parser = argparse.ArgumentParser(prog="pgjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
@@ -340,34 +438,41 @@ def _parser():
   p.add_argument("--val", help="validation JSONL (suffix, or answers for VQA)")
   p.add_argument("--image-dir", help="resolve image paths against this folder instead of the JSONL's")
   p.add_argument("--skip-bad", action="store_true", help="skip (and report) malformed rows instead of failing")
-  p.add_argument("--steps", type=int)
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--lr", type=float)
-  p.add_argument("--schedule", choices=("cosine", "linear", "constant"))
-  p.add_argument("--warmup", type=float, help="warmup fraction of the steps")
+  p.add_argument("--steps", type=_AT_LEAST_1)
+  p.add_argument("--batch-size", type=_AT_LEAST_1)
+  p.add_argument("--lr", type=_POSITIVE)
+  p.add_argument("--schedule", choices=("cosine", "linear", "constant"),
+                 help="learning rate (default cosine): linear warmup to --lr, then cosine or linear decay, laid "
+                      "out over steps + 1 as big_vision's recipe, so the last step still learns")
+  p.add_argument("--warmup", type=_FRACTION, help="warmup fraction of the steps, in [0, 1)")
   p.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adamw"))
-  p.add_argument("--weight-decay", type=float, default=0.0)
-  p.add_argument("--clip", type=float, default=None, help="clip the gradient's global norm")
-  p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
-  p.add_argument("--trainable", nargs="+", help="regexes of trainable params (default llm/layers/attn/.*)")
+  p.add_argument("--weight-decay", type=_NON_NEGATIVE, default=0.0)
+  p.add_argument("--clip", type=_POSITIVE, default=None, help="clip the gradient's global norm")
+  p.add_argument("--accum", type=_AT_LEAST_1, default=1, help="gradient accumulation micro-batches per step")
+  p.add_argument("--trainable", nargs="+", type=_regex, help="regexes of trainable params (default llm/layers/attn/.*)")
   p.add_argument("--frozen-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
   p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
-  p.add_argument("--max-len", type=int, help="token sequence length (prefix + suffix + eos)")
+  p.add_argument("--max-len", type=_AT_LEAST_1, help="token sequence length (prefix + suffix + eos)")
   p.add_argument("--truncate", default="error", choices=("error", "keep_eos"))
   p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"), help="eval metric (default: from the data)")
-  p.add_argument("--max-new-tokens", type=int)
-  p.add_argument("--eval-every", type=int, help="evaluate on --eval-examples val rows every N steps")
-  p.add_argument("--eval-examples", type=int, help="val rows for the evaluations during training")
-  p.add_argument("--val-limit", type=int, help="use only the first N val rows (before/after evaluation too)")
-  p.add_argument("--eval-batch-size", type=int, default=64)
-  p.add_argument("--report-examples", type=int, default=24)
-  p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+  p.add_argument("--max-new-tokens", type=_AT_LEAST_1)
+  p.add_argument("--eval-every", type=_AT_LEAST_0, help="evaluate on --eval-examples val rows every N steps (0: never)")
+  p.add_argument("--eval-examples", type=_AT_LEAST_0, help="val rows for the evaluations during training (0: all)")
+  p.add_argument("--val-limit", type=_AT_LEAST_1, help="use only the first N val rows (before/after evaluation too)")
+  p.add_argument("--eval-batch-size", type=_AT_LEAST_1, default=64)
+  p.add_argument("--report-examples", type=_AT_LEAST_0, default=24)
+  p.add_argument("--save-every", type=_AT_LEAST_0, default=0, help="checkpoint every N steps (default: at the end)")
   p.add_argument("--save-full", action="store_true", help="also write the merged params as final.npz")
   p.add_argument("--safetensors", action="store_true",
                  help="also write final_trainable.safetensors (and final.safetensors with --save-full)")
-  p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--model-parallel", type=int, default=1, help="devices per model group (2-D mesh)")
+  p.add_argument("--no-resume", action="store_true",
+                 help="start over: move checkpoints already in --out aside (to checkpoints.old-N) instead of resuming")
+  p.add_argument("--resume-anyway", action="store_true",
+                 help="resume even if the checkpoint in --out was saved with another seed, batch size, optimizer, "
+                      "base --checkpoint, --trainable or training data (refused by default: the result would not "
+                      "be a faithful continuation)")
+  p.add_argument("--seed", type=_AT_LEAST_0, default=0)
+  p.add_argument("--model-parallel", type=_AT_LEAST_1, default=1, help="devices per model group (2-D mesh)")
   p.add_argument("--keep-final-softcap", action="store_true", help="keep Gemma 2's final logit soft cap")
   p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() from the environment")
   p.set_defaults(fn=cmd_finetune)
@@ -378,9 +483,9 @@ def _parser():
   p.add_argument("--image-dir")
   p.add_argument("--skip-bad", action="store_true")
   p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"))
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--max-new-tokens", type=int, default=32)
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--batch-size", type=_AT_LEAST_1, default=16)
+  p.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=32)
+  p.add_argument("--dtype", default="float32", choices=_DTYPES, help="params dtype")
   p.add_argument("--html", help="write an HTML view of the predictions here")
   p.add_argument("--predictions", help="write the predictions as JSONL here")
   p.set_defaults(fn=cmd_eval)
@@ -389,8 +494,8 @@ def _parser():
   _add_model_args(p)
   p.add_argument("--image", nargs="+", required=True)
   p.add_argument("--prompt", required=True, help='the prefix, e.g. "caption en" or "detect cat ; dog"')
-  p.add_argument("--max-new-tokens", type=int, default=32)
-  p.add_argument("--dtype", default="float32", help="params dtype (float32, float16, bfloat16)")
+  p.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=32)
+  p.add_argument("--dtype", default="float32", choices=_DTYPES, help="params dtype")
   p.add_argument("--html", help="write an HTML view (with <loc> boxes drawn) here")
   p.set_defaults(fn=cmd_predict)
 
@@ -398,20 +503,23 @@ def _parser():
   p.add_argument("data")
   p.add_argument("--image-dir")
   p.add_argument("--tokenizer", help="also print token-length statistics")
-  p.add_argument("--max-len", type=int, default=128)
-  p.add_argument("--limit", type=int, default=100)
+  p.add_argument("--max-len", type=_AT_LEAST_1, default=128)
+  p.add_argument("--limit", type=_AT_LEAST_0, default=100)
   p.add_argument("--html", default="data.html")
   p.set_defaults(fn=cmd_show_data)
 
   p = sub.add_parser("inspect", help="list a checkpoint's leaves, shapes, dtypes, counts and shardings")
   p.add_argument("checkpoint")
-  p.add_argument("--model-parallel", type=int, default=1)
+  p.add_argument("--model-parallel", type=_AT_LEAST_1, default=1)
   p.set_defaults(fn=cmd_inspect)
   return parser
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+  try:
+    args = _parser().parse_args(argv)
+  except SystemExit as e:  # bad flags (argparse printed why, naming the flag) or --help: returned like the others
+    return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
   from pgjax import host
   host.enable_compilation_cache(host.default_cache_dir(args.compile_cache))
   try:

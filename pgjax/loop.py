@@ -2,9 +2,19 @@
 
 Checkpoints live in `out_dir/checkpoints/step_NNNNNN/`: `trainable.npz` (the trainable subtree in the
 official layout, loadable by `checkpoint.load`), `opt_state.npz` (optimizer state leaves, if any) and
-`state.json` (step, examples seen, seed, config). Each is written into `step_NNNNNN.tmp/` and renamed
-into place, and `checkpoints/LATEST` names the newest complete one (replaced atomically last), so a
-crash mid-save leaves the previous checkpoint intact and current.
+`state.json` (step, seed, optimizer, config, the caller's `extra_state`). Each is written into
+`step_NNNNNN.tmp/` and renamed into place, and `checkpoints/LATEST` names the newest complete one
+(replaced atomically last), so a crash mid-save leaves the previous checkpoint intact and current.
+Pruning keeps the newest `keep` steps up to the one just written and never touches that one.
+
+A fresh run (resume=False) into a folder that already holds checkpoints first moves that
+`checkpoints/` folder aside to `checkpoints.old-N/` (N = 1, 2, ...), whole and untouched: nothing of
+the earlier run is deleted, and the new run's steps never mix with (or overwrite) the old run's, so
+LATEST and pruning only ever see one run.
+
+A resume checks that the settings a faithful continuation depends on (seed, optimizer and
+`extra_state`: the CLI's base checkpoint, trainable patterns, batch size and training data) equal
+the saved state.json's, and refuses otherwise unless `resume_anyway`.
 
 Multi-process (jax.distributed): every process runs `fit` alike; a save gathers the sharded params to
 every host (a collective), process 0 alone writes, and all wait for it. `out_dir` must be one folder
@@ -20,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from typing import Callable, Iterator
@@ -38,6 +49,18 @@ class Diverged(RuntimeError):
   """The loss or the params became NaN/Inf; the last good checkpoint was left in place."""
 
 
+class ResumeError(ValueError):
+  """The checkpoint to resume from cannot continue this run."""
+
+
+class SettingsChanged(ResumeError):
+  """The checkpoint was saved with other settings than this run's (see resume_identity)."""
+
+
+class NothingToTrain(ResumeError):
+  """The checkpoint's step already reaches the steps asked."""
+
+
 def _ckpt_root(out_dir) -> str:
   return os.path.join(os.fspath(out_dir), "checkpoints")
 
@@ -50,10 +73,40 @@ def latest(out_dir) -> str | None:
       name = f.read().strip()
   except FileNotFoundError:
     return None
+  # The writer only ever names a step_NNNNNN folder of its own; anything else ("../..", an absolute path)
+  # would lead the resume outside checkpoints/.
+  if _step_of(name) is None:
+    raise checkpoint.CheckpointError(f"{root}/LATEST names {name!r}, not a step_NNNNNN folder of {root}")
   path = os.path.join(root, name)
   if not os.path.isfile(os.path.join(path, "state.json")):
     raise FileNotFoundError(f"{root}/LATEST names {name!r}, which is missing or incomplete")
   return path
+
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def _step_of(name: str) -> int | None:
+  """The step of a complete checkpoint folder's name ("step_000012" -> 12); None for anything else (.tmp)."""
+  m = _STEP_DIR.fullmatch(name)
+  return int(m.group(1)) if m else None
+
+
+def set_aside(out_dir) -> str | None:
+  """Moves out_dir's checkpoints/ (if it holds anything) to checkpoints.old-N/, the first free N, and
+  returns that path. A fresh run calls it so that it neither deletes nor mixes with an earlier run's
+  checkpoints. Multi-process: every process calls it; process 0 moves, the others wait."""
+  root = _ckpt_root(out_dir)
+  moved = None
+  if jax.process_index() == 0 and os.path.isdir(root) and os.listdir(root):
+    n = 1
+    while os.path.exists(f"{root}.old-{n}"):
+      n += 1
+    moved = f"{root}.old-{n}"
+    os.replace(root, moved)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"pgjax set aside {root}")
+  return moved
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -72,7 +125,8 @@ def _to_host(tree):
 
 
 def save_checkpoint(out_dir, step: int, trainable, opt_state, state: dict, *, keep: int = 2) -> str:
-  """Writes checkpoint `step` atomically and prunes all but the newest `keep`. Returns its folder.
+  """Writes checkpoint `step` atomically, makes LATEST name it, then deletes the checkpoints of earlier
+  steps beyond the newest `keep` (counting this one; keep=0 deletes none). Returns its folder.
 
   Multi-process: every process must call it (the gather is a collective); process 0 writes, the others
   wait at a barrier until the checkpoint and LATEST are in place.
@@ -101,28 +155,122 @@ def _write_checkpoint(root, name, trainable, opt_state, state, keep):
   shutil.rmtree(final, ignore_errors=True)
   os.replace(tmp, final)
   _atomic_write_text(os.path.join(root, "LATEST"), name + "\n")
-  done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-  for old in done[:-keep] if keep else []:
-    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+  _prune(root, state["step"], keep)
+
+
+def _prune(root, step: int, keep: int) -> None:
+  """Deletes checkpoints of steps before `step` beyond the newest keep - 1 of them. The one just written
+  (`step`, which LATEST names) is never a candidate, whatever else the folder holds; later steps are left
+  alone too (a save that crashed before LATEST moved on: the run overwrites them when it gets there)."""
+  if not keep:
+    return
+  older = sorted((s, d) for d in os.listdir(root) if (s := _step_of(d)) is not None and s < step)
+  for _, d in older[:max(len(older) - (keep - 1), 0)]:
+    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def read_state(path) -> dict:
+  """A checkpoint folder's state.json, checked: a JSON object whose "step" is a non-negative integer."""
+  file = os.path.join(path, "state.json")
+  try:
+    with open(file, "rb") as f:
+      state = json.loads(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise checkpoint.CheckpointError(f"{file}: not valid JSON ({e}); the checkpoint is damaged") from None
+  if not isinstance(state, dict):
+    raise checkpoint.CheckpointError(f"{file}: expected a JSON object, found {type(state).__name__}")
+  if "step" not in state:
+    raise checkpoint.CheckpointError(f'{file}: key "step" is missing')
+  if type(state["step"]) is not int or state["step"] < 0:  # type(): a JSON true is no step either
+    raise checkpoint.CheckpointError(f'{file}: key "step" must be a non-negative integer, found {state["step"]!r}')
+  return state
+
+
+def _check_shapes(file, found: dict, expected: dict, what: str) -> None:
+  """Raises one CheckpointError naming every missing, unexpected and mis-shaped key of `file` against
+  `expected` ({key: shape}), before any data is read."""
+  lines = [f"  missing key {k!r}: expected shape {tuple(expected[k])}" for k in sorted(expected.keys() - found.keys())]
+  lines += [f"  unexpected key {k!r}: shape {tuple(found[k][0])}" for k in sorted(found.keys() - expected.keys())]
+  lines += [f"  key {k!r}: expected shape {tuple(expected[k])}, found {tuple(found[k][0])}"
+            for k in sorted(expected.keys() & found.keys()) if tuple(found[k][0]) != tuple(expected[k])]
+  if lines:
+    raise checkpoint.CheckpointError(f"{file}: does not match {what}:\n" + "\n".join(lines))
 
 
 def load_checkpoint(path: str, trainable_like, opt_state_like):
-  """(trainable, opt_state, state) from a checkpoint folder, placed like the given trees. Multi-process:
-  every process reads the files (device_put of the same host value to a global sharding)."""
-  with open(os.path.join(path, "state.json")) as f:
-    state = json.load(f)
-  flat_like = checkpoint.flatten(trainable_like)
-  loaded = checkpoint.flatten(checkpoint.load(os.path.join(path, "trainable.npz")))
-  if set(loaded) != set(flat_like):
-    raise ValueError(f"{path}: trainable leaves differ from this run's: missing {sorted(set(flat_like) - set(loaded))}, "
-                     f"unexpected {sorted(set(loaded) - set(flat_like))}")
+  """(trainable, opt_state, state) from a checkpoint folder, placed like the given trees. Keys and shapes
+  are checked against them first. Multi-process: every process reads the files (device_put of the same
+  host value to a global sharding)."""
+  state = read_state(path)
   put = lambda x, like: jax.device_put(jnp.asarray(x, like.dtype), like.sharding)
+  file = os.path.join(path, "trainable.npz")
+  flat_like = checkpoint.flatten(trainable_like)
+  _check_shapes(file, checkpoint.read_shapes(file), {k: v.shape for k, v in flat_like.items()},
+                "this run's trainable params")
+  loaded = checkpoint.flatten(checkpoint.load(file))
   trainable = checkpoint.unflatten({k: put(loaded[k], v) for k, v in flat_like.items()})
   leaves, treedef = jax.tree.flatten(opt_state_like)
   if leaves:
-    saved = checkpoint.load(os.path.join(path, "opt_state.npz"))
+    file = os.path.join(path, "opt_state.npz")
+    if not os.path.isfile(file):
+      raise checkpoint.CheckpointError(f"{file}: missing, and this run's optimizer has {len(leaves)} state arrays "
+                                       f"to restore (was the checkpoint saved with another optimizer?)")
+    _check_shapes(file, checkpoint.read_shapes(file), {f"{i:04d}": np.shape(x) for i, x in enumerate(leaves)},
+                  "this run's optimizer state")
+    saved = checkpoint.load(file)
     leaves = [put(saved[f"{i:04d}"], like) for i, like in enumerate(leaves)]
   return trainable, jax.tree.unflatten(treedef, leaves), state
+
+
+def _as_json(x):
+  """x as state.json holds it after a round trip (tuples become lists), so that values compare alike."""
+  return json.loads(json.dumps(x))
+
+
+def resume_identity(seed: int, optimizer: train.Optimizer, extra_state: dict | None = None) -> dict:
+  """The settings a resumed run must share with its checkpoint to continue it faithfully, as state.json
+  records them: the seed (data order, augmentation), the optimizer and its settings, and `extra_state`."""
+  return _as_json({"seed": seed, "optimizer": dataclasses.asdict(optimizer), **(extra_state or {})})
+
+
+def changed_settings(saved: dict, expect: dict) -> list[str]:
+  """One line "key: saved value in the checkpoint, value now" per setting of `expect` that the saved state
+  records differently; dicts are compared key by key ("optimizer.weight_decay"). A key the saved state
+  lacks (a checkpoint from before it was recorded) is not compared: there is nothing to compare it with."""
+  lines = []
+
+  def compare(was, now, name):
+    if isinstance(was, dict) and isinstance(now, dict):
+      for k in now.keys() & was.keys():
+        compare(was[k], now[k], f"{name}.{k}")
+    elif was != now:
+      lines.append(f"{name}: {json.dumps(was)} in the checkpoint, {json.dumps(now)} now")
+
+  for k, v in _as_json(expect).items():
+    if k in saved:
+      compare(saved[k], v, k)
+  return sorted(lines)
+
+
+def resume_point(out_dir, *, num_steps: int, expect: dict, resume_anyway: bool = False):
+  """(path, state) of the checkpoint a run in out_dir would continue from, or None when there is none.
+
+  Raises SettingsChanged when the checkpoint's settings differ from `expect` (see resume_identity), unless
+  resume_anyway, and NothingToTrain when its step already reaches num_steps: there is nothing left to train, and
+  carrying on would look like a finished run that trained nothing.
+  """
+  path = latest(out_dir)
+  if path is None:
+    return None
+  state = read_state(path)
+  changed = changed_settings(state, expect)
+  if changed and not resume_anyway:
+    raise SettingsChanged(f"{path} was saved with other settings than this run's, so resuming would not continue "
+                      f"it faithfully:\n  " + "\n  ".join(changed))
+  if state["step"] >= num_steps:
+    raise NothingToTrain(f"{path} is at step {state['step']}, which already reaches the {num_steps} steps asked: "
+                      f"nothing is left to train")
+  return path, state
 
 
 def _place_opt_state(opt_state, mesh):
@@ -148,12 +296,15 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
         lr_schedule: Callable[[int], float], out_dir=None, optimizer: train.Optimizer = train.Optimizer(),
         clip_norm: float | None = None, accum_steps: int = 1, mesh=None, save_every: int = 0, keep: int = 2,
         resume: bool = True, seed: int = 0, on_step: Callable | None = None, extra_state: dict | None = None,
-        eval_fn: Callable | None = None, eval_every: int = 0, train_step=None):
+        eval_fn: Callable | None = None, eval_every: int = 0, train_step=None, resume_anyway: bool = False):
   """Trains for `num_steps` steps (counted from 1). Returns (trainable, opt_state, history).
 
   batches_from(step) yields the batches for steps step+1, step+2, ... (the data position is the step).
   With out_dir and resume, an existing checkpoint there is restored first and the run continues after
-  it. save_every > 0 saves every that many steps and at the end. on_step(step, metrics_dict) is called
+  it; its state.json must record the same seed, optimizer and `extra_state` (JSON values: the caller
+  records there what else the run depends on) unless resume_anyway, and a step below num_steps (see
+  resume_point). With out_dir and not resume, checkpoints already there are moved aside first (see
+  set_aside). save_every > 0 saves every that many steps and at the end. on_step(step, metrics_dict) is called
   with host metrics one step late (and may raise to stop the run). eval_fn(step, trainable) runs after
   every `eval_every` steps (not after the last: callers evaluate the result) on the current params and
   its result is kept in history.evals. A NaN/Inf loss raises Diverged;
@@ -171,12 +322,16 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
                        opt_state_shardings=jax.tree.map(lambda x: x.sharding, opt_state))
     train_step = train.make_train_step(cfg, optimizer=optimizer, clip_norm=clip_norm, accum_steps=accum_steps,
                                        mesh=mesh, **shardings)
+  identity = resume_identity(seed, optimizer, extra_state)
   start = 0
-  if out_dir is not None and resume and (path := latest(out_dir)) is not None:
-    trainable, opt_state, state = load_checkpoint(path, trainable, opt_state)
-    start = int(state["step"])
+  if out_dir is not None and not resume:
+    set_aside(out_dir)
+  elif out_dir is not None and (point := resume_point(out_dir, num_steps=num_steps, expect=identity,
+                                                      resume_anyway=resume_anyway)) is not None:
+    trainable, opt_state, state = load_checkpoint(point[0], trainable, opt_state)
+    start = state["step"]
   history = History()
-  state_info = {"seed": seed, "config": dataclasses.asdict(cfg), **(extra_state or {})}
+  state_info = {**identity, "config": dataclasses.asdict(cfg)}
 
   def report(step, metrics, t):
     m = {k: float(v) for k, v in metrics.items()}

@@ -98,3 +98,119 @@ def test_predict_inspect_and_show_data_on_the_demo(tmp_path, capsys):
   assert cli.main(["show-data", str(tmp_path / "d.jsonl"), "--html", str(tmp_path / "d.html"),
                    "--tokenizer", os.path.join(demo.DEMO_DIR, "tokenizer.model")]) == 0
   assert (tmp_path / "d.html").read_text().count('<img src="data:image/') == 3
+
+
+# ------------------------------------------------------------------ a small run of your own (the audit's B)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+  from pgjax import demo
+  folder = tmp_path_factory.mktemp("data")
+  demo.write_jsonl(str(folder / "good.jsonl"), demo.questions("train")[:16])
+  demo.write_jsonl(str(folder / "other.jsonl"), demo.questions("train")[1:17])
+  return folder
+
+
+def _b(jsonl, out, *extra, train="good.jsonl"):
+  """The audit's command `B`, with batch 8: the tests run on 8 CPU devices (conftest), one example each."""
+  from pgjax import demo
+  return ["finetune", "--checkpoint", os.path.join(demo.DEMO_DIR, "demo.npz"), "--tokenizer",
+          os.path.join(demo.DEMO_DIR, "tokenizer.model"), "--max-len", "16", "--batch-size", "8",
+          "--train", str(jsonl / train), "--out", str(out), *extra]
+
+
+def _loss_steps(out):
+  return [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+
+
+def test_no_resume_keeps_the_checkpoint_it_writes(jsonl, tmp_path):
+  out = tmp_path / "r"
+  assert cli.main(_b(jsonl, out, "--steps", "4", "--save-every", "2")) == 0
+  assert cli.main(_b(jsonl, out, "--steps", "1", "--no-resume")) == 0
+  assert (out / "checkpoints" / "LATEST").read_text() == "step_000001\n"
+  assert sorted(os.listdir(out / "checkpoints")) == ["LATEST", "step_000001"]
+  assert sorted(os.listdir(out / "checkpoints.old-1")) == ["LATEST", "step_000002", "step_000004"]
+  assert cli.main(_b(jsonl, out, "--steps", "2")) == 0  # the next run resumes the fresh run
+  assert _loss_steps(out) == [1, 2]
+
+
+def test_resume_with_other_settings_or_nothing_to_train_exits_2(jsonl, tmp_path, capsys):
+  out = tmp_path / "r"
+  assert cli.main(_b(jsonl, out, "--steps", "2")) == 0
+  summary = (out / "summary.json").read_text()
+  capsys.readouterr()
+  assert cli.main(_b(jsonl, out, "--steps", "4", "--seed", "1", "--batch-size", "16")) == 2
+  err = capsys.readouterr().err
+  assert "seed: 0 in the checkpoint, 1 now" in err and "batch_size: 8 in the checkpoint, 16 now" in err
+  assert "--resume-anyway" in err
+  assert cli.main(_b(jsonl, out, "--steps", "4", train="other.jsonl")) == 2
+  assert "train_data.sha256" in capsys.readouterr().err
+  assert cli.main(_b(jsonl, out, "--steps", "4", "--optimizer", "momentum", "--trainable", "llm/layers/.*")) == 2
+  err = capsys.readouterr().err
+  assert "optimizer.name" in err and 'trainable: ["llm/layers/attn/.*"] in the checkpoint, ["llm/layers/.*"] now' in err
+  assert cli.main(_b(jsonl, out, "--steps", "2")) == 2
+  assert "is at step 2, which already reaches the 2 steps asked" in capsys.readouterr().err
+  # Refused runs leave the finished run's outputs as they were.
+  assert (out / "summary.json").read_text() == summary and _loss_steps(out) == [1, 2]
+  assert cli.main(_b(jsonl, out, "--steps", "3", "--seed", "1", "--resume-anyway")) == 0
+  assert _loss_steps(out) == [1, 2, 3]
+  (out / "checkpoints" / "step_000003" / "state.json").write_text("{}")
+  assert cli.main(_b(jsonl, out, "--steps", "4")) == 2
+  assert f'{out / "checkpoints" / "step_000003" / "state.json"}: key "step" is missing' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    (["--steps", "-3"], "argument --steps"),
+    (["--lr", "0"], "argument --lr: expected a finite number > 0"),
+    (["--lr", "-0.1"], "argument --lr"),
+    (["--lr", "nan"], "argument --lr"),
+    (["--lr", "inf"], "argument --lr"),
+    (["--clip", "0"], "argument --clip"),
+    (["--warmup", "1"], "argument --warmup: expected a fraction in [0, 1), got 1"),
+    (["--warmup", "-0.1"], "argument --warmup"),
+    (["--accum", "0"], "argument --accum"),
+    (["--model-parallel", "0"], "argument --model-parallel"),
+    (["--save-every", "-1"], "argument --save-every: expected an integer >= 0, got -1"),
+    (["--val-limit", "0"], "argument --val-limit"),
+    (["--val-limit", "-2"], "argument --val-limit"),
+    (["--eval-examples", "-1"], "argument --eval-examples"),
+    (["--batch-size", "0"], "argument --batch-size"),
+    (["--eval-batch-size", "0"], "argument --eval-batch-size"),
+    (["--steps", "two"], "argument --steps: expected an integer >= 1, got 'two'"),
+    (["--trainable", "llm/(attn"], "argument --trainable: 'llm/(attn' is not a valid regular expression"),
+])
+def test_bad_finetune_flags_exit_2_naming_the_flag(jsonl, tmp_path, extra, message, capsys):
+  assert cli.main(_b(jsonl, tmp_path / "r", *extra)) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_bad_paths_and_dtype_exit_2_naming_them(jsonl, tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  assert cli.main(_b(jsonl, tmp_path / "file", "--steps", "1")) == 2
+  assert f"--out {tmp_path / 'file'}: exists and is not a folder" in capsys.readouterr().err
+  assert cli.main(_b(jsonl, tmp_path / "r", "--steps", "1", train="")) == 2  # --train names the folder
+  assert f"--train {jsonl}: is a folder" in capsys.readouterr().err
+  assert cli.main(["eval", "--data", str(jsonl / "good.jsonl"), "--dtype", "bogus"]) == 2
+  assert "argument --dtype: invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_schedule_matches_big_vision_recipe():
+  # big_vision's notebook: TRAIN_STEPS = 64, create_learning_rate_schedule(total_steps=65, base=0.03,
+  # decay_type="cosine", warmup_percent=0.10) at steps 1..64; warmup round(6.5) = 6 steps.
+  lr = cli.lr_schedule("cosine", 0.03, 64, 0.1)
+  assert round(lr(20), 5) == 0.02602 and round(lr(32), 5) == 0.01778 and f"{lr(64):.1e}" == "2.1e-05"
+  assert lr(1) == pytest.approx(0.005, rel=1e-12) and lr(6) == pytest.approx(0.03, rel=1e-12)
+  # linear over 9 + 1 steps, warmup round(1.0) = 1: lr(s) = 0.9 * (1 - (s - 1) / 9).
+  lin = cli.lr_schedule("linear", 0.9, 9, 0.1)
+  assert [round(lin(s), 12) for s in (1, 5, 9)] == [0.9, 0.5, 0.1]
+
+
+def test_demo_run_uses_the_cli_schedule(demo_run):
+  # Demo: lr 0.7, warmup round(0.05 * 5) = 0 steps, cosine over 4 + 1 steps: lr(s) = 0.35 * (1 + cos(pi s / 5)),
+  # cos(pi/5) = 0.80901699, cos(2 pi/5) = 0.30901699.
+  lines = [json.loads(l) for l in (demo_run / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+  expected = [0.35 * 1.80901699, 0.35 * 1.30901699, 0.35 * 0.69098301, 0.35 * 0.19098301]
+  np.testing.assert_allclose([l["lr"] for l in lines], expected, rtol=1e-6)

@@ -93,3 +93,135 @@ def test_history_is_read_one_step_late_but_complete(params, tmp_path):
   _, _, hist = _run(params, None, num_steps=5, on_step=lambda s, m: seen.append(s))
   assert seen == hist.steps == [1, 2, 3, 4, 5]
   assert all(np.isfinite(hist.loss))
+
+
+def _steps_in(folder):
+  return sorted(d for d in os.listdir(folder) if d.startswith("step_"))
+
+
+def test_fresh_run_keeps_its_checkpoint_and_sets_the_old_run_aside(params, tmp_path):
+  # The audited repro: 4 steps saving every 2, then a fresh 1-step run into the same folder used to
+  # prune its own step_000001 (sorted last-but-keep) while LATEST named it.
+  first, _, _ = _run(params, tmp_path, num_steps=4, save_every=2)
+  _run(params, tmp_path, num_steps=1, save_every=1, resume=False)
+  root = tmp_path / "checkpoints"
+  assert (root / "LATEST").read_text() == "step_000001\n"
+  assert loop.latest(tmp_path).endswith("step_000001") and _steps_in(root) == ["step_000001"]
+  # The earlier run is kept whole, untouched, beside it.
+  old = tmp_path / "checkpoints.old-1"
+  assert _steps_in(old) == ["step_000002", "step_000004"] and (old / "LATEST").read_text() == "step_000004\n"
+  kept = checkpoint.load(old / "step_000004" / "trainable.npz")
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, kept), jax.tree.map(np.asarray, first))
+  # The next run resumes the fresh run's step 1; keep=2 prunes only its older steps.
+  _, _, hist = _run(params, tmp_path, num_steps=3, save_every=1)
+  assert hist.steps == [2, 3] and _steps_in(root) == ["step_000002", "step_000003"]
+  _run(params, tmp_path, num_steps=1, save_every=1, resume=False)
+  assert _steps_in(tmp_path / "checkpoints.old-2") == ["step_000002", "step_000003"]
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+  tree = {"llm": {"layers": {"attn": {"w": np.arange(3, dtype=np.float32)}}}}
+  root = tmp_path / "checkpoints"
+  for later in (5, 9):  # later steps in the folder (e.g. a save that crashed before LATEST moved on)
+    loop.save_checkpoint(tmp_path, later, tree, None, {}, keep=0)
+  for step in (1, 2, 3):
+    loop.save_checkpoint(tmp_path, step, tree, None, {}, keep=2)
+    assert (root / "LATEST").read_text() == f"step_{step:06d}\n"
+    assert loop.read_state(loop.latest(tmp_path))["step"] == step
+  assert _steps_in(root) == ["step_000002", "step_000003", "step_000005", "step_000009"]
+  loop.save_checkpoint(tmp_path, 4, tree, None, {}, keep=1)
+  assert _steps_in(root) == ["step_000004", "step_000005", "step_000009"]
+
+
+def test_resume_refuses_other_settings_unless_asked(params, tmp_path):
+  _run(params, tmp_path, num_steps=2, save_every=2, seed=0, extra_state={"batch_size": 4, "data": {"n": 10}})
+  with pytest.raises(loop.SettingsChanged) as e:
+    _run(params, tmp_path, num_steps=4, save_every=2, seed=1, optimizer=train.Optimizer(weight_decay=0.5),
+         extra_state={"batch_size": 8, "data": {"n": 10}})
+  assert str(tmp_path / "checkpoints" / "step_000002") in str(e.value)
+  changed = str(e.value).splitlines()[1:]
+  assert [l.strip() for l in changed] == ["batch_size: 4 in the checkpoint, 8 now",
+                                          "optimizer.weight_decay: 0.0 in the checkpoint, 0.5 now",
+                                          "seed: 0 in the checkpoint, 1 now"]
+  with pytest.raises(loop.SettingsChanged, match=r"data\.n: 10 in the checkpoint, 11 now"):
+    _run(params, tmp_path, num_steps=4, save_every=2, extra_state={"batch_size": 4, "data": {"n": 11}})
+  _, _, hist = _run(params, tmp_path, num_steps=4, save_every=2, seed=1, resume_anyway=True,
+                    extra_state={"batch_size": 8, "data": {"n": 10}})
+  assert hist.steps == [3, 4]
+  state = loop.read_state(loop.latest(tmp_path))
+  assert state["step"] == 4 and state["seed"] == 1 and state["batch_size"] == 8  # the new settings, recorded
+
+
+def test_resume_with_nothing_left_to_train_says_so(params, tmp_path):
+  _run(params, tmp_path, num_steps=2, save_every=2)
+  for steps in (2, 1):
+    with pytest.raises(loop.NothingToTrain, match=f"step_000002 is at step 2, which already reaches the {steps} steps"):
+      _run(params, tmp_path, num_steps=steps, save_every=2)
+  assert loop.latest(tmp_path).endswith("step_000002")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"step": 2, ', "not valid JSON"),
+    ('{"seed": 0}', 'key "step" is missing'),
+    ('{"step": "2"}', "key \"step\" must be a non-negative integer, found '2'"),
+    ('[2]', "expected a JSON object, found list"),
+])
+def test_damaged_state_json_is_named(params, tmp_path, text, message):
+  _run(params, tmp_path, num_steps=2, save_every=2)
+  path = tmp_path / "checkpoints" / "step_000002" / "state.json"
+  path.write_text(text)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    _run(params, tmp_path, num_steps=4, save_every=2)
+  assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def _reshape_one(file, key, shape):
+  flat = checkpoint.flatten(checkpoint.load(file))
+  flat[key] = np.zeros(shape, np.asarray(flat[key]).dtype)
+  checkpoint.save(file, checkpoint.unflatten(flat))
+
+
+def test_mis_shaped_trainable_npz_is_named(params, tmp_path):
+  _run(params, tmp_path, num_steps=2, save_every=2)
+  file = tmp_path / "checkpoints" / "step_000002" / "trainable.npz"
+  key = "llm/layers/attn/q_einsum/w"
+  expected = checkpoint.flatten(params)[key].shape  # the run's own param, as the config builds it
+  _reshape_one(file, key, (3, 5))
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    _run(params, tmp_path, num_steps=4, save_every=2)
+  assert str(e.value).startswith(f"{file}: does not match this run's trainable params")
+  assert f"key {key!r}: expected shape {tuple(expected)}, found (3, 5)" in str(e.value)
+
+
+def test_mis_shaped_or_missing_opt_state_is_named(params, tmp_path):
+  adamw = train.Optimizer(name="adamw")
+  _run(params, tmp_path, num_steps=2, save_every=2, optimizer=adamw)
+  file = tmp_path / "checkpoints" / "step_000002" / "opt_state.npz"
+  # optax's adam state is (count, mu, nu): leaf 0000 is the step count, 0001 the first moment of the first
+  # trainable param in tree order (sorted keys), so it has that param's shape.
+  first = sorted(k for k in checkpoint.flatten(params) if k.startswith("llm/layers/attn/"))[0]
+  key, expected = "0001", checkpoint.flatten(params)[first].shape
+  _reshape_one(file, key, (7,))
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    _run(params, tmp_path, num_steps=4, save_every=2, optimizer=adamw)
+  assert str(e.value).startswith(f"{file}: does not match this run's optimizer state")
+  assert f"key {key!r}: expected shape {tuple(expected)}, found (7,)" in str(e.value)
+  os.remove(file)
+  with pytest.raises(checkpoint.CheckpointError, match=f"{file}: missing"):
+    _run(params, tmp_path, num_steps=4, save_every=2, optimizer=adamw)
+
+
+@pytest.mark.parametrize("name", ["../..", "/tmp", "step_000001/../../elsewhere", "step_x"])
+def test_latest_refuses_a_name_outside_checkpoints(tmp_path, name):
+  """LATEST can only name a step_NNNNNN folder inside checkpoints/: a resume never follows it elsewhere, even
+  where that place holds a state.json."""
+  root = tmp_path / "run" / "checkpoints"
+  (root / "step_000001").mkdir(parents=True)
+  (root / "step_000001" / "state.json").write_text('{"step": 1}')
+  (tmp_path / "state.json").write_text('{"step": 5}')
+  (root / "LATEST").write_text(name + "\n")
+  with pytest.raises(checkpoint.CheckpointError, match="not a step_NNNNNN folder"):
+    loop.latest(tmp_path / "run")
+  (root / "LATEST").write_text("step_000001\n")
+  assert loop.latest(tmp_path / "run") == str(root / "step_000001")
+
