@@ -25,7 +25,7 @@ not find within the demo's budget, not even with every param training. Matching 
 model finds it in pretraining (the matching loss leaves chance after ~1,000 steps of a plateau), as real
 PaliGemma checkpoints bring such skills from their pretraining mixture. The statements around the phrase
 matter: with the bare phrase only, the fine-tune reached 0.870; with them, 0.918 (both measured with the
-kernels of the time; the shipped checkpoint's fine-tune reaches 0.947 with today's, README).
+kernels of the time; the shipped checkpoint's fine-tune reaches 0.930 with today's, README).
 
 Why 4 kv heads: the seed recipe trains attention only, and with a single shared kv head per layer (MQA)
 this tiny model's trainable attention learned markedly slower in our trials.
