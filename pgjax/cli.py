@@ -91,12 +91,12 @@ def _model(args, dtype=None):
   return cfg, tok, ckpt
 
 
-def _rows(path, image_dir, skip_bad, what):
+def _rows(path, image_dir, skip_bad, what, validate_images="header"):
   from pgjax import data
   if os.path.isdir(path):  # open() would fail with a bare IsADirectoryError
     flag = {"train": "--train", "val": "--val", "eval": "--data"}.get(what, "data")
     raise ValueError(f"{flag} {path}: is a folder; pass the JSONL file inside it")
-  rows = data.read_jsonl(path, image_dir=image_dir, skip_bad=skip_bad)
+  rows = data.read_jsonl(path, image_dir=image_dir, skip_bad=skip_bad, validate_images=validate_images)
   for source, reason in rows.skipped:
     print(f"skipped {source}: {reason}", file=sys.stderr)
   if rows.skipped:
@@ -188,8 +188,8 @@ def cmd_finetune(args) -> int:
       raise ValueError("--train is required when fine-tuning your own --checkpoint")
     train_rows, val_rows = _demo_defaults(args)
   else:
-    train_rows = _rows(args.train, args.image_dir, args.skip_bad, "train")
-    val_rows = _rows(args.val, args.image_dir, args.skip_bad, "val") if args.val else []
+    train_rows = _rows(args.train, args.image_dir, args.skip_bad, "train", args.validate_images)
+    val_rows = _rows(args.val, args.image_dir, args.skip_bad, "val", args.validate_images) if args.val else []
   if args.val_limit:
     val_rows = val_rows[:args.val_limit]
   for k, v in dict(steps=100, batch_size=8, lr=0.03, max_len=128, max_new_tokens=32, eval_every=0,
@@ -322,7 +322,7 @@ def cmd_eval(args) -> int:
   import jax.numpy as jnp
   from pgjax import checkpoint, evaluate, viz
   cfg, tok, ckpt = _model(args)
-  rows = _rows(args.data, args.image_dir, args.skip_bad, "eval")
+  rows = _rows(args.data, args.image_dir, args.skip_bad, "eval", args.validate_images)
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=_bar("load", 2**20, "MB"))
   res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, progress=_bar("eval", unit="ex"))
@@ -424,6 +424,11 @@ def _regex(text):
   return text
 
 
+VALIDATE_HELP = ("how images are checked before anything runs: header (default: open each file and verify its "
+                 "header; fast), full (decode every image: also catches truncated JPEGs, at the cost of an epoch "
+                 "of decoding), none (only that the files exist)")
+
+
 def _parser():
   parser = argparse.ArgumentParser(prog="pgjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
@@ -438,6 +443,7 @@ def _parser():
   p.add_argument("--val", help="validation JSONL (suffix, or answers for VQA)")
   p.add_argument("--image-dir", help="resolve image paths against this folder instead of the JSONL's")
   p.add_argument("--skip-bad", action="store_true", help="skip (and report) malformed rows instead of failing")
+  p.add_argument("--validate-images", default="header", choices=("header", "full", "none"), help=VALIDATE_HELP)
   p.add_argument("--steps", type=_AT_LEAST_1)
   p.add_argument("--batch-size", type=_AT_LEAST_1)
   p.add_argument("--lr", type=_POSITIVE)
@@ -482,6 +488,7 @@ def _parser():
   p.add_argument("--data", required=True)
   p.add_argument("--image-dir")
   p.add_argument("--skip-bad", action="store_true")
+  p.add_argument("--validate-images", default="header", choices=("header", "full", "none"), help=VALIDATE_HELP)
   p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"))
   p.add_argument("--batch-size", type=_AT_LEAST_1, default=16)
   p.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=32)
@@ -526,6 +533,8 @@ def main(argv=None) -> int:
     return args.fn(args)
   except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
     print(f"pgjax {args.command}: error: {e}", file=sys.stderr)
+    for note in getattr(e, "__notes__", ()):  # e.g. where a stopped fine-tune saved what it had trained
+      print(note, file=sys.stderr)
     return 2
 
 

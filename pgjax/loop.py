@@ -353,12 +353,14 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
     save_checkpoint(out_dir, step, trainable, opt_state, {**state_info, "lr": lr_schedule(step)}, keep=keep)
 
   pending = None
+  done = saved = start  # the last step whose update `trainable` holds; the last step saved
   batches = batches_from(start)
   try:
     for step in range(start + 1, num_steps + 1):
       batch = next(batches)
       t0 = time.perf_counter()
       trainable, opt_state, metrics = train_step(trainable, frozen, batch, lr_schedule(step), opt_state)
+      done = step
       if pending is not None:  # the previous step's metrics: done by now, so reading them costs no sync
         report(*pending)
       pending = (step, metrics, time.perf_counter() - t0)
@@ -366,10 +368,24 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
         report(*pending)
         pending = None
         save(step)
+        saved = step
       if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
         history.evals.append((step, eval_fn(step, trainable)))
     if pending is not None:
       report(*pending)
+  except (Exception, KeyboardInterrupt) as e:
+    # A run stopped by an error in its data (an image that fails to decode at step 5,000), a callback or
+    # Ctrl-C keeps what it trained: the state after the last completed step is saved (checked finite, as
+    # every save), and the same command resumes there. Not after a divergence (nothing good to save), and
+    # not with several processes (a save is a collective the others are not in).
+    if out_dir is not None and done > saved and not isinstance(e, Diverged) and jax.process_count() == 1:
+      try:
+        save(done)
+      except Exception as failed:
+        e.add_note(f"pgjax: the state after step {done} could not be saved ({type(failed).__name__}: {failed})")
+      else:
+        e.add_note(f"pgjax: saved the state after step {done} to {latest(out_dir)}; the same command resumes there")
+    raise
   finally:
     close = getattr(batches, "close", None)
     if close is not None:

@@ -214,3 +214,25 @@ def test_demo_run_uses_the_cli_schedule(demo_run):
   lines = [json.loads(l) for l in (demo_run / "metrics.jsonl").read_text().splitlines() if "loss" in l]
   expected = [0.35 * 1.80901699, 0.35 * 1.30901699, 0.35 * 0.69098301, 0.35 * 0.19098301]
   np.testing.assert_allclose([l["lr"] for l in lines], expected, rtol=1e-6)
+
+
+def test_validate_images_full_refuses_a_truncated_jpeg_up_front(jsonl, tmp_path, capsys):
+  """A JPEG cut short passes the header check (it fails only when decoded, mid-run); --validate-images full
+  decodes every image before anything loads and names the row."""
+  import io
+
+  from PIL import Image
+  from pgjax import demo
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "JPEG")
+  (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 9 // 10])
+  rows = demo.questions("train")[:3]
+  demo.write_jsonl(str(tmp_path / "bad.jsonl"), rows)
+  lines = (tmp_path / "bad.jsonl").read_text().splitlines()
+  lines[2] = json.dumps({**json.loads(lines[2]), "image": str(tmp_path / "cut.jpg")})
+  (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+  assert len(cli._rows(str(tmp_path / "bad.jsonl"), None, False, "train")) == 3  # the header check passes it
+  assert cli.main(_b(tmp_path, tmp_path / "out", "--steps", "1", "--validate-images", "full", train="bad.jsonl")) == 2
+  err = capsys.readouterr().err
+  assert "bad.jsonl:3" in err and "cut.jpg" in err
+  assert not (tmp_path / "out" / "checkpoints").exists()

@@ -1,6 +1,7 @@
 """Training loop: resume is bit-identical, saves are atomic, divergence stops with the last good checkpoint."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +45,26 @@ def test_kill_and_resume_is_bit_identical(params, tmp_path, optimizer):
     if step == 3:
       raise Killed
 
-  with pytest.raises(Killed):
+  # on_step sees step 3's metrics once step 4 has run: the stop saves the state after step 4.
+  with pytest.raises(Killed) as stopped:
     _run(params, tmp_path / "b", save_every=2, optimizer=optimizer, on_step=kill)
-  assert loop.latest(tmp_path / "b").endswith("step_000002")
+  assert loop.latest(tmp_path / "b").endswith("step_000004")
+  assert "saved the state after step 4" in stopped.value.__notes__[0]
   resumed, _, hist_b = _run(params, tmp_path / "b", save_every=2, optimizer=optimizer)
-  assert hist_b.steps == [3, 4, 5, 6]
-  assert hist_b.loss == hist.loss[2:]
+  assert hist_b.steps == [5, 6]
+  assert hist_b.loss == hist.loss[4:]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed), jax.tree.map(np.asarray, full))
+
+  # A crash that runs no handler (SIGKILL) resumes from the last periodic save: as if killed before the stop's
+  # save, the step-4 checkpoint gone and LATEST still at step 2.
+  with pytest.raises(Killed):
+    _run(params, tmp_path / "c", save_every=2, optimizer=optimizer, on_step=kill)
+  root = tmp_path / "c" / "checkpoints"
+  shutil.rmtree(root / "step_000004")
+  (root / "LATEST").write_text("step_000002\n")
+  resumed, _, hist_c = _run(params, tmp_path / "c", save_every=2, optimizer=optimizer)
+  assert hist_c.steps == [3, 4, 5, 6]
+  assert hist_c.loss == hist.loss[2:]
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed), jax.tree.map(np.asarray, full))
 
 
@@ -224,4 +239,36 @@ def test_latest_refuses_a_name_outside_checkpoints(tmp_path, name):
     loop.latest(tmp_path / "run")
   (root / "LATEST").write_text("step_000001\n")
   assert loop.latest(tmp_path / "run") == str(root / "step_000001")
+
+
+def test_a_data_error_keeps_what_was_trained(params, tmp_path):
+  """An error in the data at step 4 (no periodic saves) stops the run with the state after step 3 saved;
+  the same call then resumes there and ends where an uninterrupted run does, bit for bit."""
+  full, _, hist = _run(params, tmp_path / "a")
+
+  def bad_from(step, seed=0):
+    for s, batch in enumerate(batches_from(step, seed), start=step + 1):
+      if s == 4 and not (tmp_path / "fixed").exists():
+        raise ValueError("data.jsonl:4: cannot decode image (injected)")
+      yield batch
+
+  trainable, frozen = train.split(params, train.is_trainable)
+  fit = lambda: loop.fit(CFG, trainable, frozen, bad_from, num_steps=6, out_dir=tmp_path / "b",
+                         lr_schedule=train.schedule("cosine", 0.05, 6))
+  with pytest.raises(ValueError, match="injected") as stopped:
+    fit()
+  assert loop.latest(tmp_path / "b").endswith("step_000003")
+  assert "saved the state after step 3" in stopped.value.__notes__[0]
+  (tmp_path / "fixed").touch()
+  resumed, _, hist_b = fit()
+  assert hist_b.steps == [4, 5, 6]
+  assert hist_b.loss == hist.loss[3:]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed), jax.tree.map(np.asarray, full))
+
+
+def test_a_stop_after_divergence_saves_nothing(params, tmp_path):
+  """Divergence is not a stop to save from: the loop raises Diverged and no checkpoint appears."""
+  with pytest.raises(loop.Diverged):
+    _run(params, tmp_path, lr_schedule=lambda step: float("nan"))
+  assert loop.latest(tmp_path) is None
 
