@@ -75,8 +75,9 @@ class PaliGemmaConfig:
   vision: SigLIPConfig = SigLIPConfig()
   llm: GemmaConfig = GemmaConfig()
   # Rematerialise the scanned blocks of both towers in the backward pass: "none" keeps every
-  # activation; "full" keeps only the block inputs (big_vision's "nothing_saveable"); "dots"
-  # keeps matmul outputs that have no batch dimension.
+  # activation (and recomputes only the layers' weight slices and casts, never copies of weights);
+  # "full" keeps only the block inputs (big_vision's "nothing_saveable"); "dots" keeps matmul
+  # outputs that have no batch dimension.
   remat: str = "none"
 
   def __post_init__(self):
