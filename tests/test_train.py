@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import prefix_lm_batch, random_params
-from pgjax import checkpoint, config, train
+from pgjax import checkpoint, config, paligemma, train
 
 LENGTHS = [(4, 6), (6, 2), (3, 9), (5, 5)]
 
@@ -178,3 +178,42 @@ def test_small_model_overfits_a_handful_of_examples():
     first = float(metrics["loss"]) if first is None else first
   last = float(train.loss_fn(train.merge(trainable, frozen), batch, cfg=cfg)[0])
   assert last < 0.1 * first, (first, last)
+
+
+def _scan_outputs(jaxpr):
+  """(length, output avals) of every scan in a jaxpr and the jaxprs inside it."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      out.append((eqn.params["length"], [v.aval for v in eqn.outvars]))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          out += _scan_outputs(inner)
+  return out
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_backward_keeps_no_per_layer_copy_of_the_weights(remat):
+  """What the layer scan hands its backward (its stacked outputs) holds activations, never a layer's weights:
+  the backward reads them from the stacked params, which it has anyway, instead of a stacked copy of each
+  layer's slice (or of its float32 cast). Checked on the traced step: no scan output of the LLM's layer
+  count has the per-layer shape of a frozen weight (the MLP's; the trainable attention weights' per-layer
+  shapes are those of their gradients, which the backward scan does output), in either dtype."""
+  cfg = dataclasses.replace(config.get("tiny-gemma1-mqa"), remat=remat)
+  sds = jax.ShapeDtypeStruct
+  params = jax.eval_shape(lambda k: paligemma.init(k, cfg), jax.random.key(0))
+  trainable, frozen = jax.eval_shape(lambda p: train.split(p, frozen_dtype=jnp.float16), params)
+  B, T = 2, 12
+  batch = {"image": sds((B, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32),
+           **{k: sds((B, T), jnp.int32) for k in ("text", "mask_ar", "mask_loss", "mask_input")}}
+  jaxpr = train.make_train_step(cfg).trace(trainable, frozen, batch, sds((), jnp.float32), None).jaxpr.jaxpr
+  weights = {k: v.shape[1:] for k, v in checkpoint.flatten(params).items()
+             if k.startswith("llm/layers/mlp/")}
+  L = cfg.llm.depth
+  llm_scans = [avals for length, avals in _scan_outputs(jaxpr) if length in (L, L - 1)]
+  assert llm_scans
+  for avals in llm_scans:
+    for aval in avals:
+      assert all(aval.shape[1:] != shape for shape in weights.values()), (aval, weights)
