@@ -211,6 +211,10 @@ def cmd_finetune(args) -> int:
       "batch_size": args.batch_size, "train_data": _data_identity(train_rows)})
   frozen_dtype = jnp.dtype(args.frozen_dtype)
   mesh = sharding.make_mesh(model=args.model_parallel)
+  if args.batch_size % mesh.shape["data"]:  # else shard_batch fails after the model has loaded, naming no flag
+    raise ValueError(f"--batch-size {args.batch_size} does not split over the {mesh.shape['data']} data-parallel "
+                     f"devices ({jax.device_count()} devices, --model-parallel {args.model_parallel}): use a multiple "
+                     f"of {mesh.shape['data']}")
   print(f"pgjax finetune: {'demo (easy-vqa), ' if is_demo else ''}{len(train_rows)} train / {len(val_rows)} val "
         f"examples; {jax.device_count()} device(s) {dict(mesh.shape)}; frozen params {frozen_dtype}, trainable "
         f"float32; out {out}", flush=True)

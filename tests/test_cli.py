@@ -236,3 +236,14 @@ def test_validate_images_full_refuses_a_truncated_jpeg_up_front(jsonl, tmp_path,
   err = capsys.readouterr().err
   assert "bad.jsonl:3" in err and "cut.jpg" in err
   assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_batch_size_that_does_not_split_over_the_devices_is_named(jsonl, tmp_path, capsys):
+  """The tests run on 8 CPU devices (conftest): a batch of 4 cannot be split over them; refused before the
+  model loads, naming the flag and the multiple to use."""
+  argv = _b(jsonl, tmp_path / "out", "--steps", "1")
+  argv[argv.index("--batch-size") + 1] = "4"
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "--batch-size 4 does not split over the 8 data-parallel devices" in err and "multiple of 8" in err
+  assert not (tmp_path / "out" / "checkpoints").exists()
