@@ -278,6 +278,11 @@ def detect_task(row: dict) -> str:
   return "exact"
 
 
+def _where(row: dict, i: int) -> str:
+  """How an error names a row: its "file:line" when it came from a JSONL (read_jsonl's "_source"), else row i."""
+  return row.get("_source") or f"row {i}"
+
+
 def _reference(row: dict, i: int):
   """Row i's target for exact match: its suffix, else its list of answers or references."""
   if isinstance(row.get("suffix"), str):
@@ -285,9 +290,10 @@ def _reference(row: dict, i: int):
   for key in ("answers", "references"):
     if refs := row.get(key):
       if isinstance(refs, str) or not all(isinstance(r, str) for r in refs):
-        raise ValueError(f"row {i}: {key!r} must be a list of strings, got {refs!r}")
+        raise ValueError(f"{_where(row, i)}: {key!r} must be a list of strings, got {refs!r}")
       return list(refs)
-  raise ValueError(f"row {i} has no target: it needs 'suffix', 'answers' or 'references' (keys: {sorted(row)})")
+  raise ValueError(f"{_where(row, i)} has no target: it needs 'suffix', 'answers' or 'references' "
+                   f"(keys: {sorted(row)})")
 
 
 def _check(rows, task) -> list[str]:
@@ -299,7 +305,8 @@ def _check(rows, task) -> list[str]:
     _reference(r, i)
     tasks.append(task or detect_task(r))
     if tasks[-1] == "detect" and not isinstance(r.get("suffix"), str):
-      raise ValueError(f"row {i}: detection needs a string 'suffix' holding the target boxes (keys: {sorted(r)})")
+      raise ValueError(f"{_where(r, i)}: detection needs a string 'suffix' holding the target boxes "
+                       f"(keys: {sorted(r)})")
   return tasks
 
 
@@ -354,7 +361,7 @@ def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int
     raise ValueError("no rows to evaluate")
   for i, r in enumerate(rows):
     if "image" not in r or not isinstance(r.get("prefix"), str):
-      raise ValueError(f"row {i} needs 'image' and a string 'prefix' (keys: {sorted(r)})")
+      raise ValueError(f"{_where(r, i)} needs 'image' and a string 'prefix' (keys: {sorted(r)})")
   _check(rows, task)  # a row without targets fails now, not after the decoding
   preds = predict(params, cfg, tok, [r["image"] for r in rows], [r["prefix"] for r in rows],
                   batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype,

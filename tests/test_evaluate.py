@@ -225,6 +225,9 @@ def test_score_rejects_bad_input():
     evaluate.score([dict(prefix="detect cat", references=["<loc0001> cat"])], ["x"], task="detect")
   with pytest.raises(ValueError, match="unknown task 'segment'"):
     evaluate.score([dict(prefix="a", suffix="b")], ["b"], task="segment")
+  # Rows read from a JSONL are named by file and line.
+  with pytest.raises(ValueError, match="val.jsonl:7 has no target"):
+    evaluate.score([dict(prefix="a", suffix="b"), dict(prefix="caption en", _source="val.jsonl:7")], ["b", "c"])
 
 
 # --- <loc> boxes.
