@@ -331,8 +331,11 @@ def cmd_eval(args) -> int:
   res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, progress=_bar("eval", unit="ex"))
   print(json.dumps(res["metrics"], indent=1))
-  if args.html:
-    viz.write_html(args.html, viz.predictions_html(rows, res["predictions"], metrics=res["metrics"]))
+  if args.html:  # every row is an embedded image: the page shows the first --report-examples, the metrics all
+    n = min(args.report_examples, len(rows))
+    title = f"pgjax eval: {args.data}" + (f" (the first {n} of {len(rows)} rows)" if n < len(rows) else "")
+    viz.write_html(args.html, viz.predictions_html(rows[:n], res["predictions"][:n], title=title,
+                                                   metrics=res["metrics"]))
   if args.predictions:
     with open(args.predictions, "w") as f:
       for r, p in zip(rows, res["predictions"]):
@@ -498,7 +501,9 @@ def _parser():
   p.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=32)
   p.add_argument("--dtype", default="float32", choices=_DTYPES, help="params dtype")
   p.add_argument("--html", help="write an HTML view of the predictions here")
-  p.add_argument("--predictions", help="write the predictions as JSONL here")
+  p.add_argument("--report-examples", type=_AT_LEAST_0, default=200,
+                 help="rows shown in the --html page (default 200; the metrics cover every row)")
+  p.add_argument("--predictions", help="write the predictions as JSONL here (every row)")
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("predict", help="greedy-decode a prompt for each image")

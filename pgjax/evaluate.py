@@ -108,12 +108,15 @@ def parse_detections(text: str, width, height, *, return_malformed: bool = False
 
 
 def box_iou(a, b) -> float:
-  """IoU of two xyxy boxes (0 for two empty boxes)."""
+  """IoU of two xyxy boxes. Two zero-area boxes (a one-bin-thin object: y0 == y1 or x0 == x1 in <loc> bins)
+  have no area to overlap: they match (1.0) when they are the same box, else 0."""
   iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
   ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
   inter = iw * ih
   union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union if union > 0 else 0.0
+  if union <= 0:
+    return float(tuple(a) == tuple(b))
+  return inter / union
 
 
 def match_detections(pred, target, iou_threshold: float = 0.5) -> int:
@@ -304,14 +307,21 @@ def _check(rows, task) -> list[str]:
   for i, r in enumerate(rows):
     _reference(r, i)
     tasks.append(task or detect_task(r))
-    if tasks[-1] == "detect" and not isinstance(r.get("suffix"), str):
-      raise ValueError(f"{_where(r, i)}: detection needs a string 'suffix' holding the target boxes "
-                       f"(keys: {sorted(r)})")
+    if tasks[-1] == "detect":
+      if not isinstance(r.get("suffix"), str):
+        raise ValueError(f"{_where(r, i)}: detection needs a string 'suffix' holding the target boxes "
+                         f"(keys: {sorted(r)})")
+      # A broken target box would drop out of the count and raise the recall: refused instead.
+      if bad := parse_detections(r["suffix"], 1.0, 1.0, return_malformed=True)[1]:
+        raise ValueError(f"{_where(r, i)}: {bad} target box(es) in 'suffix' are malformed (fewer than 4 <loc> "
+                         f"tokens, no label, or y1 < y0 / x1 < x0; <loc> order is y0 x0 y1 x1): {r['suffix']!r}")
   return tasks
 
 
 def _task_metrics(task: str, rows, preds: list[str]) -> dict:
-  targets = lambda key: [r.get(key) or [r["suffix"]] for r in rows]  # noqa: E731
+  # A row's own list for the task, else its suffix, else whichever list it has (_check made sure of one).
+  targets = lambda key: [r.get(key) or ([r["suffix"]] if isinstance(r.get("suffix"), str) else  # noqa: E731
+                                        r.get("answers") or r.get("references")) for r in rows]
   if task == "vqa":
     return {"accuracy": vqa_accuracy_batch(preds, targets("answers"))}
   if task == "caption":

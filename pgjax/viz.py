@@ -47,23 +47,31 @@ def _e(x) -> str:
 
 
 def to_pil(image) -> Image.Image:
-  """A path, PIL image, uint8 array or float array in [-1, 1] ([H, W], [H, W, 1|3|4]) -> RGB PIL image."""
+  """A path, PIL image, uint8/uint16 array or float array in [-1, 1] ([H, W], [H, W, 1|3|4]) -> RGB PIL image,
+  decoded as the model's input is (`data`'s rules: 16-bit scaled to 8, not clipped; EXIF orientation applied)."""
+  from pgjax import data
   if isinstance(image, Image.Image):
-    return ImageOps.exif_transpose(image).convert("RGB")
+    return _rgb8(data._pil_to_rgb(image, "<PIL image>"))
   if isinstance(image, (str, os.PathLike)):
     with Image.open(image) as im:
-      return ImageOps.exif_transpose(im).convert("RGB")
+      im.load()
+      return _rgb8(data._pil_to_rgb(im, os.fspath(image)))
   a = np.asarray(image)
-  if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
-    a = a[..., :3] if a.shape[-1] != 1 else a[..., 0]
-  if a.ndim not in (2, 3):
-    raise ValueError(f"image array must be [H, W] or [H, W, C], got shape {a.shape}")
   if np.issubdtype(a.dtype, np.floating):
+    if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
+      a = a[..., :3] if a.shape[-1] != 1 else a[..., 0]
+    if a.ndim not in (2, 3):
+      raise ValueError(f"image array must be [H, W] or [H, W, C], got shape {a.shape}")
     # The model's input range; clipping keeps a slightly-out-of-range float from wrapping around.
-    a = np.clip((np.nan_to_num(a) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
-  elif a.dtype != np.uint8:
-    raise ValueError(f"image array must be uint8 or float in [-1, 1], got {a.dtype}")
-  return Image.fromarray(a).convert("RGB")
+    return Image.fromarray(np.clip((np.nan_to_num(a) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)).convert("RGB")
+  if a.dtype not in (np.uint8, np.uint16):
+    raise ValueError(f"image array must be uint8, uint16 or float in [-1, 1], got {a.dtype}")
+  return _rgb8(data._array_to_rgb(a))
+
+
+def _rgb8(rgb_HW3: np.ndarray) -> Image.Image:
+  """float RGB on the 8-bit scale [0, 255] -> an RGB PIL image."""
+  return Image.fromarray(np.clip(rgb_HW3, 0, 255).round().astype(np.uint8), "RGB")
 
 
 def draw_detections(im: Image.Image, text: str, color=PRED_COLOR) -> int:

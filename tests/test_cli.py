@@ -247,3 +247,14 @@ def test_batch_size_that_does_not_split_over_the_devices_is_named(jsonl, tmp_pat
   err = capsys.readouterr().err
   assert "--batch-size 4 does not split over the 8 data-parallel devices" in err and "multiple of 8" in err
   assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_eval_html_shows_the_first_report_examples_and_scores_all(tmp_path, capsys):
+  from pgjax import demo
+  demo.write_jsonl(str(tmp_path / "val.jsonl"), demo.questions("test")[:3])
+  assert cli.main(["eval", "--data", str(tmp_path / "val.jsonl"), "--max-new-tokens", "4", "--batch-size", "8",
+                   "--html", str(tmp_path / "e.html"), "--report-examples", "2",
+                   "--predictions", str(tmp_path / "p.jsonl")]) == 0
+  page = (tmp_path / "e.html").read_text()
+  assert page.count('<img src="data:image/') == 2 and "the first 2 of 3 rows" in page
+  assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 3

@@ -292,3 +292,33 @@ def test_parse_detections_tolerates_malformed_groups():
   # Objects without " ; " between them still split at the next box.
   dets = parse_detections("<loc0000><loc0000><loc1023><loc1023> cat <loc0000><loc0000><loc0511><loc0511> dog", 10, 10)
   assert [d["label"] for d in dets] == ["cat", "dog"]
+
+
+def test_malformed_target_boxes_are_refused_before_decoding():
+  """A target group with three locs or an inverted box would drop out of the target count (recall 1.0 over
+  one box instead of 1/3): refused, naming the row and the count."""
+  L = lambda *b: "".join(f"<loc{x:04d}>" for x in b)  # noqa: E731
+  target = L(0, 0, 500, 500) + " cat ; " + L(600, 600, 900) + " dog ; " + L(900, 900, 100, 100) + " bird"
+  with pytest.raises(ValueError, match=r"val.jsonl:3: 2 target box\(es\) in 'suffix' are malformed"):
+    evaluate.score([dict(prefix="detect cat ; dog ; bird", suffix=target, _source="val.jsonl:3")],
+                   [L(0, 0, 500, 500) + " cat"])
+
+
+def test_zero_area_boxes_match_only_themselves():
+  """A one-bin-thin box has no area: the same box is a match (IoU 1), any other is not (0)."""
+  assert evaluate.box_iou((5, 5, 5, 9), (5, 5, 5, 9)) == 1.0
+  assert evaluate.box_iou((5, 5, 5, 9), (6, 5, 6, 9)) == 0.0
+  assert evaluate.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)  # 1 / (4 + 4 - 1)
+  L = lambda *b: "".join(f"<loc{x:04d}>" for x in b)  # noqa: E731
+  m = evaluate.score([dict(prefix="detect cat", suffix=L(5, 5, 5, 5) + " cat")], [L(5, 5, 5, 5) + " cat"])
+  assert m["precision"] == 1.0 and m["recall"] == 1.0
+
+
+@pytest.mark.parametrize("task, key, expected", [("caption", "answers", 1.0), ("vqa", "references", 1.0)])
+def test_a_forced_task_scores_against_the_list_a_row_has(task, key, expected):
+  """--task caption on VQA rows (answers, no suffix) or --task vqa on caption rows: scored against the list
+  the row has, not a KeyError after the decoding."""
+  rows = [dict(prefix="caption en", **{key: ["a red circle"] * 4})]
+  m = evaluate.score(rows, ["a red circle"], task=task)
+  assert m["task"] == task
+  assert (m["accuracy"] if task == "vqa" else m["bleu1"]) == pytest.approx(expected)

@@ -138,3 +138,16 @@ def test_report_renders_in_headless_chromium(tmp_path):
   # The pure red test image was decoded and drawn: a block of red pixels (shown in a 256 px box).
   red = (px[..., 0] > 230) & (px[..., 1] < 30) & (px[..., 2] < 30)
   assert red.sum() > 200 * 200, red.sum()
+
+
+def test_16_bit_images_are_shown_as_the_model_sees_them(tmp_path):
+  """A 16-bit grey PNG (0..65535) is scaled to 8 bits as data.load_image scales it, not clipped to white by
+  Pillow's RGB conversion; a uint16 array likewise."""
+  ramp = (np.arange(64, dtype=np.uint32) * 1000).astype(np.uint16)[None].repeat(4, 0)  # 0 .. 63000
+  Image.fromarray(ramp).save(tmp_path / "ramp.png")  # mode I;16
+  expected = np.round(ramp.astype(np.float64) / 257.0)  # 65535 -> 255, as the model's decoder
+  for image in (str(tmp_path / "ramp.png"), ramp):
+    shown = np.asarray(viz.to_pil(image))
+    assert shown.shape == (4, 64, 3)
+    np.testing.assert_allclose(shown[..., 0], expected, atol=1)
+    assert (shown[..., 0] == shown[..., 2]).all()
