@@ -346,6 +346,11 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
   import jax.numpy as jnp
   from pgjax import checkpoint, evaluate, viz
+  try:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates, which SentencePiece cannot take
+    args.prompt.encode("utf-8")
+  except UnicodeEncodeError:
+    raise ValueError(f"--prompt {args.prompt.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
+                     f"UTF-8 text") from None
   cfg, tok, ckpt = _model(args)
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=_bar("load", 2**20, "MB"))
   preds = evaluate.predict(params, cfg, tok, args.image, [args.prompt] * len(args.image),

@@ -215,6 +215,8 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
     raise ValueError(f"{len(images)} images but {N} prefixes")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if not N:
+    return []
   max_len = prompt_len(tok, prefixes) if max_len is None else max_len
   if tok.vocab_size > cfg.llm.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {cfg.llm.vocab_size}")

@@ -258,3 +258,11 @@ def test_eval_html_shows_the_first_report_examples_and_scores_all(tmp_path, caps
   page = (tmp_path / "e.html").read_text()
   assert page.count('<img src="data:image/') == 2 and "the first 2 of 3 rows" in page
   assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 3
+
+
+def test_predict_refuses_a_prompt_that_is_not_utf8(capsys):
+  """Bytes that are not UTF-8 reach Python as lone surrogates (os.fsdecode); refused naming the flag."""
+  from pgjax import demo
+  image = demo.questions("test")[0]["image"]
+  assert cli.main(["predict", "--image", image, "--prompt", "caption \udcff"]) == 2
+  assert "--prompt" in capsys.readouterr().err

@@ -322,3 +322,8 @@ def test_a_forced_task_scores_against_the_list_a_row_has(task, key, expected):
   m = evaluate.score(rows, ["a red circle"], task=task)
   assert m["task"] == task
   assert (m["accuracy"] if task == "vqa" else m["bleu1"]) == pytest.approx(expected)
+
+
+def test_predict_of_nothing_is_nothing(model):
+  cfg, params, tok = model
+  assert evaluate.predict(params, cfg, tok, [], []) == []
