@@ -302,7 +302,8 @@ def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sha
   path: `file.npz`, or a file shipped as `file.npz.part0`, `.part1`, ... (pass either name).
   cfg: with check=True, the file's keys and shapes must equal `manifest(cfg)`; one CheckpointError lists every
     missing, unexpected and mis-shaped key before any data is read.
-  dtype: None keeps the file's dtype; a dtype converts every leaf; a callable (path, file_dtype) -> dtype or None
+  dtype: None keeps the file's dtype (float64 becomes float32 unless JAX runs with jax_enable_x64, as every
+    JAX array does); a dtype converts every leaf; a callable (path, file_dtype) -> dtype or None
     chooses per leaf (e.g. trainable float32, frozen float16 straight from the file).
   sharding: None puts leaves on the default device; a callable (path, shape, dtype) -> jax.sharding.Sharding
     places each leaf with make_array_from_callback (each process reads the leaf and keeps its own shards).

@@ -359,8 +359,10 @@ def hf_config_dict(cfg: config_lib.PaliGemmaConfig, *, vocab_size: int | None = 
               num_image_tokens=cfg.num_image_tokens, tie_word_embeddings=True, **ids)
   if t.post_norms:
     scalar = t.head_dim if t.query_pre_attn_scalar is None else t.query_pre_attn_scalar
+    if not float(scalar).is_integer():  # transformers' Gemma2Config types it int and refuses a float on load
+      raise ValueError(f"transformers' Gemma 2 takes an integer query_pre_attn_scalar; this config has {scalar}")
     text.update(model_type="gemma2", hidden_activation="gelu_pytorch_tanh",
-                query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+                query_pre_attn_scalar=int(scalar),
                 attn_logit_softcapping=t.attn_logits_softcap or None,
                 final_logit_softcapping=t.final_logits_softcap or None,
                 # big_vision (and pgjax) attend over the whole sequence in every layer: no sliding window.

@@ -186,6 +186,14 @@ def test_config_dict_refuses_what_gemma1_cannot_express():
   d = hf.hf_config_dict(config.get("tiny-gemma2-gqa"), vocab_size=448, dtype="bfloat16")
   assert d["text_config"]["model_type"] == "gemma2" and d["text_config"]["layer_types"] == ["full_attention"] * 2
   assert (d["vocab_size"], d["image_token_index"], d["dtype"]) == (448, 384, "bfloat16")
+  # transformers' Gemma2Config types query_pre_attn_scalar as int: a fractional one is refused at export,
+  # not by from_pretrained later.
+  g2 = config.get("tiny-gemma2-gqa")
+  frac = dataclasses.replace(g2, llm=dataclasses.replace(g2.llm, query_pre_attn_scalar=12.5))
+  with pytest.raises(ValueError, match="integer query_pre_attn_scalar"):
+    hf.hf_config_dict(frac)
+  whole = dataclasses.replace(g2, llm=dataclasses.replace(g2.llm, query_pre_attn_scalar=12.0))
+  assert hf.hf_config_dict(whole)["text_config"]["query_pre_attn_scalar"] == 12
 
 
 # -------------------------------------------------------------------------------------------- safetensors
