@@ -37,7 +37,8 @@ import numpy as np
 from pgjax import config as config_lib
 from pgjax import paligemma
 
-_PREFIX = "params/"
+# Where a file holds more than the params, the tree they sit under (big_vision's load_params), first match.
+_ROOTS = ("params/", "opt/target/")
 _BF16_AS_VOID, _BF16 = np.dtype("V2"), np.dtype(ml_dtypes.bfloat16)
 # Leaf dtypes a checkpoint may hold. Weights are floating point; anything else (int, bool, complex, bytes,
 # big-endian) would load and compute nonsense or fail later naming no key. Integers are allowed only outside the
@@ -185,12 +186,19 @@ def _open_zip(path):
 
 
 def _members(zf: zipfile.ZipFile, path) -> dict[str, tuple[zipfile.ZipInfo, tuple[int, ...], np.dtype]]:
-  """key -> (member, shape, dtype) from the .npy headers only; refuses pickled members before any data is read."""
+  """key -> (member, shape, dtype) from the .npy headers only; refuses pickled members before any data is read.
+
+  As big_vision's `load_params`: where the file has a top-level "params" tree (a training state saved whole:
+  params beside optimizer state and step), that tree alone is the checkpoint, "opt/target" likewise in older
+  files; the other members are not read.
+  """
   out = {}
-  for info in zf.infolist():
-    if info.is_dir():
+  infos = [info for info in zf.infolist() if not info.is_dir()]
+  names = [info.filename.removesuffix(".npy") for info in infos]
+  root = next((r for r in _ROOTS if any(n.startswith(r) for n in names)), "")
+  for info, key in zip(infos, names):
+    if not key.startswith(root):
       continue
-    key = info.filename.removesuffix(".npy")
     with _errors(path, key), zf.open(info) as fp:
       version = np.lib.format.read_magic(fp)
       if version not in _READ_HEADER:
@@ -199,10 +207,8 @@ def _members(zf: zipfile.ZipFile, path) -> dict[str, tuple[zipfile.ZipInfo, tupl
     if dtype.hasobject:
       raise CheckpointError(f"{path}, key {key!r}: holds a pickled object array (dtype {dtype}); "
                             "checkpoints are data, never code, so it is not unpickled")
-    key = key.removeprefix(_PREFIX)
+    key = key.removeprefix(root)
     _check_dtype(path, key, dtype)
-    if key in out:
-      raise CheckpointError(f"{path}: key {key!r} occurs twice (with and without {_PREFIX!r})")
     out[key] = (info, tuple(shape), _BF16 if dtype == _BF16_AS_VOID else dtype)
   return out
 

@@ -91,6 +91,19 @@ def test_params_prefix_accepted(tmp_path):
   assert "params/img/pos_embedding" not in checkpoint.read_shapes(tmp_path / "p.npz")
 
 
+def test_a_whole_training_state_loads_its_params_tree(tmp_path):
+  """As big_vision's load_params: a file holding params beside optimizer state and a step count (even a
+  pickled member, which is never read) loads its "params" tree; an older file's "opt/target" tree likewise."""
+  params = _params("tiny-gemma1-mqa")
+  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+  np.savez(tmp_path / "state.npz", **{f"params/{k}": v for k, v in flat.items()}, step=np.int64(7),
+           **{"opt/0/count": np.int32(3), "opt/1/mu/llm/final_norm/scale": flat["llm/final_norm/scale"],
+              "extra": np.array([{"a": 1}], dtype=object)})
+  _assert_identical(params, checkpoint.load(tmp_path / "state.npz", config.get("tiny-gemma1-mqa")))
+  np.savez(tmp_path / "old.npz", **{f"opt/target/{k}": v for k, v in flat.items()}, **{"opt/state/count": np.int32(3)})
+  _assert_identical(params, checkpoint.load(tmp_path / "old.npz", config.get("tiny-gemma1-mqa")))
+
+
 def test_dtype_fixed_and_callable(tmp_path):
   params = _params("tiny-gemma1-mqa", jnp.bfloat16)
   checkpoint.save(tmp_path / "c.npz", params)
