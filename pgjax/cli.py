@@ -436,9 +436,12 @@ def _regex(text):
   return text
 
 
-VALIDATE_HELP = ("how images are checked before anything runs: header (default: open each file and verify its "
-                 "header; fast), full (decode every image: also catches truncated JPEGs, at the cost of an epoch "
-                 "of decoding), none (only that the files exist)")
+def _add_validate_images(p):
+  from pgjax import data  # the choices are data.read_jsonl's own
+  p.add_argument("--validate-images", default="header", choices=data.VALIDATE_IMAGES,
+                 help="how images are checked before anything runs: header (default: open each file and verify "
+                      "its header; fast), full (decode every image: also catches truncated JPEGs, at the cost of "
+                      "an epoch of decoding), none (only that the files exist)")
 
 
 def _parser():
@@ -455,7 +458,7 @@ def _parser():
   p.add_argument("--val", help="validation JSONL (suffix, or answers for VQA)")
   p.add_argument("--image-dir", help="resolve image paths against this folder instead of the JSONL's")
   p.add_argument("--skip-bad", action="store_true", help="skip (and report) malformed rows instead of failing")
-  p.add_argument("--validate-images", default="header", choices=("header", "full", "none"), help=VALIDATE_HELP)
+  _add_validate_images(p)
   p.add_argument("--steps", type=_AT_LEAST_1)
   p.add_argument("--batch-size", type=_AT_LEAST_1)
   p.add_argument("--lr", type=_POSITIVE)
@@ -500,7 +503,7 @@ def _parser():
   p.add_argument("--data", required=True)
   p.add_argument("--image-dir")
   p.add_argument("--skip-bad", action="store_true")
-  p.add_argument("--validate-images", default="header", choices=("header", "full", "none"), help=VALIDATE_HELP)
+  _add_validate_images(p)
   p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"))
   p.add_argument("--batch-size", type=_AT_LEAST_1, default=16)
   p.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=32)

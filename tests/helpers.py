@@ -62,3 +62,18 @@ def screenshot(html_path, png_path, size=(1200, 1600)):
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
   assert os.path.exists(png_path), proc.stderr[-2000:]
   return np.asarray(Image.open(png_path).convert("RGB"))
+
+
+def jaxpr_eqns(jaxpr, *, scan_lengths: bool = True):
+  """(equation, times it runs) for every equation of a jaxpr and of the jaxprs inside it: a scan body's
+  equations `length` times (or once, as XLA's cost analysis counts them, with scan_lengths=False)."""
+  for eqn in jaxpr.eqns:
+    yield eqn, 1
+    assert eqn.primitive.name != "while", "a while loop's trip count is unknown here"
+    times = eqn.params["length"] if eqn.primitive.name == "scan" and scan_lengths else 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from ((e, times * t) for e, t in jaxpr_eqns(inner, scan_lengths=scan_lengths))
+

@@ -145,20 +145,13 @@ def test_flop_count_matches_design():
 def _dot_flops(jaxpr, scan_multiplier: bool) -> int:
   """2 x multiply-adds of every dot_general in a jaxpr and the jaxprs inside it; a scan's body times its
   length (or once, as XLA's cost analysis counts it)."""
-  import jax.extend.core as jcore
+  from helpers import jaxpr_eqns
   total = 0
-  for eqn in jaxpr.eqns:
+  for eqn, times in jaxpr_eqns(jaxpr, scan_lengths=scan_multiplier):
     if eqn.primitive.name == "dot_general":
       (contract, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval
-      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[i] for i in contract)
-      continue
-    assert eqn.primitive.name != "while", "a while loop's trip count is unknown to this count"
-    times = eqn.params["length"] if eqn.primitive.name == "scan" and scan_multiplier else 1
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-          total += times * _dot_flops(getattr(sub, "jaxpr", sub), scan_multiplier)
+      total += times * 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[i] for i in contract)
   return total
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import prefix_lm_batch, random_params
+from helpers import jaxpr_eqns, prefix_lm_batch, random_params
 from pgjax import checkpoint, config, paligemma, train
 
 LENGTHS = [(4, 6), (6, 2), (3, 9), (5, 5)]
@@ -182,16 +182,8 @@ def test_small_model_overfits_a_handful_of_examples():
 
 def _scan_outputs(jaxpr):
   """(length, output avals) of every scan in a jaxpr and the jaxprs inside it."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "scan":
-      out.append((eqn.params["length"], [v.aval for v in eqn.outvars]))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          out += _scan_outputs(inner)
-  return out
+  return [(eqn.params["length"], [v.aval for v in eqn.outvars])
+          for eqn, _ in jaxpr_eqns(jaxpr) if eqn.primitive.name == "scan"]
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
