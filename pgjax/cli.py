@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -23,44 +22,6 @@ import sys
 import time
 
 import numpy as np
-
-
-class _Progress:
-  """tqdm when installed and stderr is a terminal or forced; otherwise nothing."""
-
-  def __init__(self, total, desc, unit="it"):
-    try:
-      from tqdm import tqdm
-      self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
-    except ImportError:
-      self.bar = None
-
-  def update(self, n=1, **postfix):
-    if self.bar is not None:
-      self.bar.update(n)
-      if postfix:
-        self.bar.set_postfix(postfix, refresh=False)
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
-
-
-def _bar(desc, scale=1, unit="it"):
-  """A progress(done, total) callback for checkpoint.load and evaluate: a bar made on the first call,
-  closed when done reaches total (scale divides both, e.g. bytes -> MB)."""
-  state = {}
-
-  def progress(done, total):
-    if "bar" not in state:
-      state["bar"] = _Progress(total // scale, desc, unit)
-      state["n"] = 0
-    n = done // scale
-    state["bar"].update(n - state["n"])
-    state["n"] = n
-    if done >= total:
-      state["bar"].close()
-  return progress
 
 
 # ----------------------------------------------------------------------------------------- model args
@@ -75,7 +36,7 @@ def _add_model_args(p, required=False):
 
 def _model(args, dtype=None):
   """(cfg, tokenizer, checkpoint path) from the flags, the demo's when no checkpoint is given."""
-  from pgjax import checkpoint, config, demo, tokenizer
+  from pgjax import checkpoint, config, demo, finetune
   if args.checkpoint is None:
     ckpt, tok_path, cfg = os.path.join(demo.DEMO_DIR, "demo.npz"), os.path.join(demo.DEMO_DIR, "tokenizer.model"), \
         demo.load_config()
@@ -85,10 +46,7 @@ def _model(args, dtype=None):
       raise ValueError("--tokenizer is required with --checkpoint (e.g. weights/paligemma_tokenizer.model)")
     ckpt, tok_path = args.checkpoint, args.tokenizer
     cfg = config.get(args.config) if args.config else checkpoint.infer_config(ckpt)
-  tok = tokenizer.Tokenizer(tok_path)
-  if tok.vocab_size > cfg.llm.vocab_size:
-    raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, more than the model's {cfg.llm.vocab_size}")
-  return cfg, tok, ckpt
+  return cfg, finetune.load_tokenizer(tok_path, cfg), ckpt
 
 
 def _rows(path, image_dir, skip_bad, what, validate_images="header"):
@@ -107,78 +65,32 @@ def _rows(path, image_dir, skip_bad, what, validate_images="header"):
 # --------------------------------------------------------------------------------------------- finetune
 
 
-def _demo_defaults(args):
-  """The embedded demo: easy-vqa questions, the demo checkpoint, settings measured to meet its target."""
-  from pgjax import demo
-  defaults = dict(steps=2400, batch_size=32, lr=0.7, clip=1.0, max_len=16, max_new_tokens=4, eval_every=400,
-                  eval_examples=512, task="vqa", schedule="cosine", warmup=0.05)
-  for k, v in defaults.items():
-    if getattr(args, k) is None:
-      setattr(args, k, v)
-  return demo.questions("train"), demo.questions("test")
+# Flags that set a TrainConfig field of the same name; unset (None), they keep the preset's value.
+_TRAIN_FLAGS = ("steps", "batch_size", "lr", "schedule", "warmup", "clip", "accum", "trainable", "frozen_dtype",
+                "remat", "keep_final_softcap", "max_len", "truncate", "seed", "task", "max_new_tokens", "eval_every",
+                "eval_examples", "eval_batch_size", "save_every")
 
 
-def lr_schedule(name: str, base: float, steps: int, warmup: float):
-  """The learning rate for steps 1..`steps`. big_vision's recipe (the PaliGemma notebook) builds its
-  schedule over total_steps = TRAIN_STEPS + 1 and evaluates it at steps 1..TRAIN_STEPS, so the decay
-  reaches 0 one step after the last and the last step still learns; a schedule over `steps` would give
-  the last step lr 0, a wasted step. Warmup steps are round(warmup * (steps + 1)), as big_vision's."""
-  from pgjax import train
-  return train.schedule(name, base, steps + 1, warmup)
+def train_config(args):
+  """The run's TrainConfig: the preset (the demo's without --train, else the recipe's defaults) with every
+  flag that was given."""
+  from pgjax import demo, finetune, train
+  base = demo.FINETUNE if args.train is None else finetune.TrainConfig()
+  given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+  if args.optimizer is not None or args.weight_decay is not None:
+    given["optimizer"] = train.Optimizer(name=args.optimizer or base.optimizer.name,
+                                         weight_decay=base.optimizer.weight_decay if args.weight_decay is None
+                                         else args.weight_decay)
+  return dataclasses.replace(base, **given)
 
 
-def _data_identity(rows) -> dict:
-  """The training data as state.json records it for resume: the example count and a SHA-256 of each
-  row's prefix, suffix and image path relative to the images' common folder, in order. A resumed run
-  must see the same examples in the same order; image bytes are not read (that is an epoch of I/O), and
-  the relative paths let the data folder move."""
-  images = [os.path.abspath(r["image"]) if isinstance(r["image"], str) else "" for r in rows]
-  common = os.path.commonpath([os.path.dirname(i) for i in images]) if images and all(images) else ""
-  h = hashlib.sha256()
-  for r, image in zip(rows, images):
-    name = os.path.relpath(image, common) if common else image
-    h.update(json.dumps([name, r["prefix"], r.get("suffix")]).encode() + b"\n")
-  return {"examples": len(rows), "sha256": h.hexdigest()}
-
-
-def _out_dir(args) -> str:
-  out = args.out or os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S"))
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f"--out {out}: exists and is not a folder")
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"--out {out}: cannot make the folder ({e.strerror})") from None
-  return out
-
-
-def _resume_point(out, args, identity):
-  """The checkpoint this run continues (loop.resume_point), checked before anything is loaded or
-  evaluated, with the flags that resolve a refusal; None for a fresh run."""
-  from pgjax import loop
-  if args.no_resume:
-    return None
-  try:
-    point = loop.resume_point(out, num_steps=args.steps, expect=identity, resume_anyway=args.resume_anyway)
-  except loop.SettingsChanged as e:
-    raise ValueError(f"{e}\n--resume-anyway resumes all the same; --no-resume starts over (moving the old "
-                     f"checkpoints aside to checkpoints.old-N)") from None
-  except loop.NothingToTrain as e:
-    raise ValueError(f"{e}\na larger --steps continues the run; --no-resume starts over (moving the old "
-                     f"checkpoints aside to checkpoints.old-N)") from None
-  if point is not None:
-    changed = loop.changed_settings(point[1], identity)
-    if changed:
-      print("pgjax finetune: --resume-anyway: resuming with changed settings:\n  " + "\n  ".join(changed),
-            file=sys.stderr)
-    print(f"resuming from {point[0]} (step {point[1]['step']})", flush=True)
-  return point
+def _flag(field: str) -> str:
+  return "--" + field.replace("_", "-")
 
 
 def cmd_finetune(args) -> int:
   import jax
-  import jax.numpy as jnp
-  from pgjax import checkpoint, data, evaluate, loop, sharding, train, viz
+  from pgjax import demo, finetune, loop, sharding
 
   if args.distributed:
     jax.distributed.initialize()  # coordinator, process count and id from the standard environment
@@ -186,136 +98,33 @@ def cmd_finetune(args) -> int:
   if is_demo:
     if args.checkpoint is not None:
       raise ValueError("--train is required when fine-tuning your own --checkpoint")
-    train_rows, val_rows = _demo_defaults(args)
+    train_rows, val_rows = demo.questions("train"), demo.questions("test")
   else:
     train_rows = _rows(args.train, args.image_dir, args.skip_bad, "train", args.validate_images)
     val_rows = _rows(args.val, args.image_dir, args.skip_bad, "val", args.validate_images) if args.val else []
   if args.val_limit:
     val_rows = val_rows[:args.val_limit]
-  for k, v in dict(steps=100, batch_size=8, lr=0.03, max_len=128, max_new_tokens=32, eval_every=0,
-                   eval_examples=64, schedule="cosine", warmup=0.1).items():
-    if getattr(args, k) is None:
-      setattr(args, k, v)
-
   cfg, tok, ckpt = _model(args)
-  cfg = dataclasses.replace(cfg, remat=args.remat)
-  if cfg.llm.final_logits_softcap and not args.keep_final_softcap:
-    # big_vision's fine-tuning recipes set Gemma 2's final soft cap to 0 ("better for transfer").
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, final_logits_softcap=0.0))
-  out = _out_dir(args)
-  predicate = train.make_predicate(args.trainable)
-  optimizer = train.Optimizer(name=args.optimizer, weight_decay=args.weight_decay)
-  # What a resume must match besides the seed and optimizer (loop.resume_identity), in state.json.
-  identity = loop.resume_identity(args.seed, optimizer, {
-      "checkpoint": os.path.abspath(ckpt), "trainable": args.trainable or ["llm/layers/attn/.*"],
-      "batch_size": args.batch_size, "train_data": _data_identity(train_rows)})
-  frozen_dtype = jnp.dtype(args.frozen_dtype)
   mesh = sharding.make_mesh(model=args.model_parallel)
-  if args.batch_size % mesh.shape["data"]:  # else shard_batch fails after the model has loaded, naming no flag
-    raise ValueError(f"--batch-size {args.batch_size} does not split over the {mesh.shape['data']} data-parallel "
-                     f"devices ({jax.device_count()} devices, --model-parallel {args.model_parallel}): use a multiple "
-                     f"of {mesh.shape['data']}")
-  print(f"pgjax finetune: {'demo (easy-vqa), ' if is_demo else ''}{len(train_rows)} train / {len(val_rows)} val "
-        f"examples; {jax.device_count()} device(s) {dict(mesh.shape)}; frozen params {frozen_dtype}, trainable "
-        f"float32; out {out}", flush=True)
-  resuming = _resume_point(out, args, identity) is not None  # refused here, before the checkpoint loads
-
-  t0 = time.time()
-  params = checkpoint.load(ckpt, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
-                           sharding=sharding.leaf_sharding(mesh), progress=_bar("load", 2**20, "MB"))
-  trainable, frozen = train.split(params, predicate, frozen_dtype=frozen_dtype)
-  del params
-  n_train = sum(x.size for x in jax.tree.leaves(trainable))
-  n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
-  print(f"loaded {ckpt} in {time.time() - t0:.1f}s: {n_train:,} of {n_all:,} params train", flush=True)
-
-  eval_kw = dict(task=args.task, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
-  val_subset = val_rows[:args.eval_examples] if args.eval_examples else val_rows
-
-  def run_eval(rows, label, trainable):
-    if not rows:
-      return None
-    t = time.time()
-    res = evaluate.evaluate(train.merge(trainable, frozen), cfg, tok, rows, **eval_kw,
-                            progress=_bar(f"eval {label}", unit="ex"))
-    res["metrics"]["seconds"] = round(time.time() - t, 1)
-    main = {k: v for k, v in res["metrics"].items() if isinstance(v, float)}
-    print(f"eval {label} ({len(rows)} examples): {json.dumps(main)}", flush=True)
-    return res
-
-  # A resumed run appends to its log; a fresh one starts it anew.
-  metrics_log = open(os.path.join(out, "metrics.jsonl"), "a" if resuming else "w")
-
-  def log(record):
-    metrics_log.write(json.dumps(record) + "\n")
-    metrics_log.flush()
-
-  before = run_eval(val_rows, "before", trainable)
-  if before:
-    log({"step": 0, "eval": before["metrics"]})
-  schedule = lr_schedule(args.schedule, args.lr, args.steps, args.warmup)
-  bar = _Progress(args.steps, "train")
-  eval_points = []
-
-  def on_step(step, m):
-    log({"step": step, **m})
-    bar.update(1, loss=f"{m['loss']:.4f}")
-
-  def eval_fn(step, current):
-    res = run_eval(val_subset, f"step {step}", current)
-    if res:
-      log({"step": step, "eval": res["metrics"]})
-      eval_points.append((step, res["metrics"].get("accuracy", res["metrics"]["exact_match"])))
-
-  batches = lambda start: (sharding.shard_batch(b, mesh) for b in data.train_batches(
-      train_rows, tok, batch_size=args.batch_size, size=cfg.vision.image_size, max_len=args.max_len, seed=args.seed,
-      start_step=start, truncate=args.truncate))
-  t_train = time.time()
+  out = finetune.make_out_dir(args.out or os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S")), name="--out")
   try:
-    trainable, _, history = loop.fit(
-        cfg, trainable, frozen, batches, num_steps=args.steps, lr_schedule=schedule, out_dir=out,
-        optimizer=optimizer, clip_norm=args.clip, accum_steps=args.accum, mesh=mesh,
-        save_every=args.save_every or args.steps, resume=not args.no_resume, seed=args.seed, on_step=on_step,
-        eval_fn=eval_fn if val_subset else None, eval_every=args.eval_every, resume_anyway=args.resume_anyway,
-        extra_state={k: v for k, v in identity.items() if k not in ("seed", "optimizer")})
+    tc = train_config(args)
+    finetune.finetune(tc, train=train_rows, val=val_rows, checkpoint=ckpt, tokenizer=tok, model=cfg, out=out,
+                      mesh=mesh, resume=not args.no_resume, resume_anyway=args.resume_anyway,
+                      save_full=args.save_full, safetensors=args.safetensors, report_examples=args.report_examples,
+                      summary_extra={"demo": is_demo})
+  except finetune.SettingError as e:
+    extra = f" (--model-parallel {args.model_parallel})" if e.field == "batch_size" else ""
+    raise ValueError(f"{_flag(e.field)} {e.detail}{extra}") from None
+  except loop.SettingsChanged as e:
+    raise ValueError(f"{e}\n--resume-anyway resumes all the same; --no-resume starts over (moving the old "
+                     f"checkpoints aside to checkpoints.old-N)") from None
+  except loop.NothingToTrain as e:
+    raise ValueError(f"{e}\na larger --steps continues the run; --no-resume starts over (moving the old "
+                     f"checkpoints aside to checkpoints.old-N)") from None
   except loop.Diverged as e:
     print(f"pgjax finetune: {e}", file=sys.stderr)
     return 3
-  finally:
-    bar.close()
-  train_seconds = time.time() - t_train
-  after = run_eval(val_rows, "after", trainable)
-  if after:
-    log({"step": args.steps, "eval": after["metrics"]})
-  metrics_log.close()
-  if args.save_full:
-    checkpoint.save(os.path.join(out, "final.npz"), train.merge(trainable, frozen))
-  if args.safetensors:  # the same trees, pgjax keys ("/"-joined), for tools that read safetensors
-    from pgjax import hf
-    hf.save_safetensors(os.path.join(out, "final_trainable.safetensors"), trainable)
-    if args.save_full:
-      hf.save_safetensors(os.path.join(out, "final.safetensors"), train.merge(trainable, frozen))
-
-  summary = {
-      "demo": is_demo, "checkpoint": ckpt, "train_examples": len(train_rows), "val_examples": len(val_rows),
-      "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
-      "optimizer": args.optimizer, "trainable_params": n_train, "total_params": n_all,
-      "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / max(len(history.steps), 1), 4),
-      "final_loss": history.loss[-1] if history.loss else None, "devices": jax.device_count(),
-      "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
-      "config": dataclasses.asdict(cfg),
-  }
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  shown = {k: v for k, v in summary.items() if k not in ("config", "before", "after")}
-  grid = viz.predictions_grid(val_rows[:args.report_examples], after["predictions"][:args.report_examples]) if after else ""
-  table = {name: {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))}
-           for name, res in (("before", before), ("after", after)) if res}
-  viz.write_html(os.path.join(out, "report.html"), viz.report_html(
-      shown, viz.loss_curve_svg(history.steps, history.loss, {"val": eval_points} if eval_points else None),
-      table, grid, title=f"pgjax fine-tuning report: {out}"))
-  print(f"done in {time.time() - t0:.0f}s. Outputs in {out}: summary.json, metrics.jsonl, report.html, "
-        f"checkpoints/{', final.npz' if args.save_full else ''}")
   return 0
 
 
@@ -324,12 +133,12 @@ def cmd_finetune(args) -> int:
 
 def cmd_eval(args) -> int:
   import jax.numpy as jnp
-  from pgjax import checkpoint, evaluate, viz
+  from pgjax import checkpoint, evaluate, progress, viz
   cfg, tok, ckpt = _model(args)
   rows = _rows(args.data, args.image_dir, args.skip_bad, "eval", args.validate_images)
-  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=_bar("load", 2**20, "MB"))
+  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
   res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, progress=_bar("eval", unit="ex"))
+                          max_new_tokens=args.max_new_tokens, progress=progress.callback("eval", unit="ex"))
   print(json.dumps(res["metrics"], indent=1))
   if args.html:  # every row is an embedded image: the page shows the first --report-examples, the metrics all
     n = min(args.report_examples, len(rows))
@@ -345,17 +154,17 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
   import jax.numpy as jnp
-  from pgjax import checkpoint, evaluate, viz
+  from pgjax import checkpoint, evaluate, progress, viz
   try:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates, which SentencePiece cannot take
     args.prompt.encode("utf-8")
   except UnicodeEncodeError:
     raise ValueError(f"--prompt {args.prompt.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
                      f"UTF-8 text") from None
   cfg, tok, ckpt = _model(args)
-  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=_bar("load", 2**20, "MB"))
+  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
   preds = evaluate.predict(params, cfg, tok, args.image, [args.prompt] * len(args.image),
                            batch_size=min(8, len(args.image)), max_new_tokens=args.max_new_tokens,
-                           progress=_bar("predict", unit="ex"))
+                           progress=progress.callback("predict", unit="ex"))
   for path, p in zip(args.image, preds):
     print(f"{path}\t{p['prediction']}" + ("" if p["hit_eos"] else "\t(cut at --max-new-tokens)"))
   if args.html:  # detect prompts get their <loc> boxes drawn on the images
@@ -466,23 +275,24 @@ def _parser():
                  help="learning rate (default cosine): linear warmup to --lr, then cosine or linear decay, laid "
                       "out over steps + 1 as big_vision's recipe, so the last step still learns")
   p.add_argument("--warmup", type=_FRACTION, help="warmup fraction of the steps, in [0, 1)")
-  p.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adamw"))
-  p.add_argument("--weight-decay", type=_NON_NEGATIVE, default=0.0)
+  p.add_argument("--optimizer", choices=("sgd", "momentum", "adamw"), help="default sgd (the recipe's)")
+  p.add_argument("--weight-decay", type=_NON_NEGATIVE, help="decoupled weight decay (AdamW); default 0")
   p.add_argument("--clip", type=_POSITIVE, default=None, help="clip the gradient's global norm")
-  p.add_argument("--accum", type=_AT_LEAST_1, default=1, help="gradient accumulation micro-batches per step")
+  p.add_argument("--accum", type=_AT_LEAST_1, help="gradient accumulation micro-batches per step (default 1)")
   p.add_argument("--trainable", nargs="+", type=_regex, help="regexes of trainable params (default llm/layers/attn/.*)")
-  p.add_argument("--frozen-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
-  p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  p.add_argument("--frozen-dtype", choices=("float16", "bfloat16", "float32"), help="default float16")
+  p.add_argument("--remat", choices=("none", "full", "dots"), help="default none")
   p.add_argument("--max-len", type=_AT_LEAST_1, help="token sequence length (prefix + suffix + eos)")
-  p.add_argument("--truncate", default="error", choices=("error", "keep_eos"))
+  p.add_argument("--truncate", choices=("error", "keep_eos"), help="over-long examples: error (default) or cut "
+                 "the suffix but keep its eos")
   p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"), help="eval metric (default: from the data)")
   p.add_argument("--max-new-tokens", type=_AT_LEAST_1)
   p.add_argument("--eval-every", type=_AT_LEAST_0, help="evaluate on --eval-examples val rows every N steps (0: never)")
   p.add_argument("--eval-examples", type=_AT_LEAST_0, help="val rows for the evaluations during training (0: all)")
   p.add_argument("--val-limit", type=_AT_LEAST_1, help="use only the first N val rows (before/after evaluation too)")
-  p.add_argument("--eval-batch-size", type=_AT_LEAST_1, default=64)
+  p.add_argument("--eval-batch-size", type=_AT_LEAST_1, help="default 64")
   p.add_argument("--report-examples", type=_AT_LEAST_0, default=24)
-  p.add_argument("--save-every", type=_AT_LEAST_0, default=0, help="checkpoint every N steps (default: at the end)")
+  p.add_argument("--save-every", type=_AT_LEAST_0, help="checkpoint every N steps (default 0: at the end)")
   p.add_argument("--save-full", action="store_true", help="also write the merged params as final.npz")
   p.add_argument("--safetensors", action="store_true",
                  help="also write final_trainable.safetensors (and final.safetensors with --save-full)")
@@ -492,9 +302,9 @@ def _parser():
                  help="resume even if the checkpoint in --out was saved with another seed, batch size, optimizer, "
                       "base --checkpoint, --trainable or training data (refused by default: the result would not "
                       "be a faithful continuation)")
-  p.add_argument("--seed", type=_AT_LEAST_0, default=0)
+  p.add_argument("--seed", type=_AT_LEAST_0, help="data order and augmentation (default 0)")
   p.add_argument("--model-parallel", type=_AT_LEAST_1, default=1, help="devices per model group (2-D mesh)")
-  p.add_argument("--keep-final-softcap", action="store_true", help="keep Gemma 2's final logit soft cap")
+  p.add_argument("--keep-final-softcap", action="store_true", default=None, help="keep Gemma 2's final logit soft cap")
   p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() from the environment")
   p.set_defaults(fn=cmd_finetune)
 

@@ -2,7 +2,7 @@
 
 Checkpoints live in `out_dir/checkpoints/step_NNNNNN/`: `trainable.npz` (the trainable subtree in the
 official layout, loadable by `checkpoint.load`), `opt_state.npz` (optimizer state leaves, if any) and
-`state.json` (step, seed, optimizer, config, the caller's `extra_state`). Each is written into
+`state.json` (step, the TrainConfig, the model config, the caller's `extra_state`). Each is written into
 `step_NNNNNN.tmp/` and renamed into place, and `checkpoints/LATEST` names the newest complete one
 (replaced atomically last), so a crash mid-save leaves the previous checkpoint intact and current.
 Pruning keeps the newest `keep` steps up to the one just written and never touches that one.
@@ -12,9 +12,9 @@ A fresh run (resume=False) into a folder that already holds checkpoints first mo
 the earlier run is deleted, and the new run's steps never mix with (or overwrite) the old run's, so
 LATEST and pruning only ever see one run.
 
-A resume checks that the settings a faithful continuation depends on (seed, optimizer and
-`extra_state`: the CLI's base checkpoint, trainable patterns, batch size and training data) equal
-the saved state.json's, and refuses otherwise unless `resume_anyway`.
+A resume checks that the settings a faithful continuation depends on (`TrainConfig.RESUME_FIELDS`: seed,
+optimizer, trainable patterns, batch size; and the caller's `extra_state`: the job's base checkpoint and
+training data) equal the saved state.json's, and refuses otherwise unless `resume_anyway`.
 
 Multi-process (jax.distributed): every process runs `fit` alike; a save gathers the sharded params to
 every host (a collective), process 0 alone writes, and all wait for it. `out_dir` must be one folder
@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pgjax import checkpoint, train
 from pgjax.config import PaliGemmaConfig
+
+if TYPE_CHECKING:  # the job's settings; fit reads them, nothing here builds one
+  from pgjax.finetune import TrainConfig
 
 
 class Diverged(RuntimeError):
@@ -54,7 +57,7 @@ class ResumeError(ValueError):
 
 
 class SettingsChanged(ResumeError):
-  """The checkpoint was saved with other settings than this run's (see resume_identity)."""
+  """The checkpoint was saved with other settings than this run's (finetune.TrainConfig.RESUME_FIELDS and the caller's extra_state)."""
 
 
 class NothingToTrain(ResumeError):
@@ -227,12 +230,6 @@ def _as_json(x):
   return json.loads(json.dumps(x))
 
 
-def resume_identity(seed: int, optimizer: train.Optimizer, extra_state: dict | None = None) -> dict:
-  """The settings a resumed run must share with its checkpoint to continue it faithfully, as state.json
-  records them: the seed (data order, augmentation), the optimizer and its settings, and `extra_state`."""
-  return _as_json({"seed": seed, "optimizer": dataclasses.asdict(optimizer), **(extra_state or {})})
-
-
 def changed_settings(saved: dict, expect: dict) -> list[str]:
   """One line "key: saved value in the checkpoint, value now" per setting of `expect` that the saved state
   records differently; dicts are compared key by key ("optimizer.weight_decay"). A key the saved state
@@ -255,7 +252,7 @@ def changed_settings(saved: dict, expect: dict) -> list[str]:
 def resume_point(out_dir, *, num_steps: int, expect: dict, resume_anyway: bool = False):
   """(path, state) of the checkpoint a run in out_dir would continue from, or None when there is none.
 
-  Raises SettingsChanged when the checkpoint's settings differ from `expect` (see resume_identity), unless
+  Raises SettingsChanged when the checkpoint's settings differ from `expect` (finetune.TrainConfig.RESUME_FIELDS and the caller's extra_state), unless
   resume_anyway, and NothingToTrain when its step already reaches num_steps: there is nothing left to train, and
   carrying on would look like a finished run that trained nothing.
   """
@@ -292,24 +289,28 @@ class History:
   evals: list = dataclasses.field(default_factory=list)  # (step, result of eval_fn)
 
 
-def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], Iterator[dict]], *, num_steps: int,
-        lr_schedule: Callable[[int], float], out_dir=None, optimizer: train.Optimizer = train.Optimizer(),
-        clip_norm: float | None = None, accum_steps: int = 1, mesh=None, save_every: int = 0, keep: int = 2,
-        resume: bool = True, seed: int = 0, on_step: Callable | None = None, extra_state: dict | None = None,
-        eval_fn: Callable | None = None, eval_every: int = 0, train_step=None, resume_anyway: bool = False):
-  """Trains for `num_steps` steps (counted from 1). Returns (trainable, opt_state, history).
+def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from: Callable[[int], Iterator[dict]], *,
+        out_dir=None, mesh=None, resume: bool = True, resume_anyway: bool = False, extra_state: dict | None = None,
+        on_step: Callable | None = None, eval_fn: Callable | None = None,
+        lr_schedule: Callable[[int], float] | None = None, train_step=None):
+  """Trains for `tc.steps` steps (counted from 1) with tc's optimizer, clip, accum, save and eval cadence
+  (finetune.TrainConfig). Returns (trainable, opt_state, history).
 
   batches_from(step) yields the batches for steps step+1, step+2, ... (the data position is the step).
-  With out_dir and resume, an existing checkpoint there is restored first and the run continues after
-  it; its state.json must record the same seed, optimizer and `extra_state` (JSON values: the caller
-  records there what else the run depends on) unless resume_anyway, and a step below num_steps (see
-  resume_point). With out_dir and not resume, checkpoints already there are moved aside first (see
-  set_aside). save_every > 0 saves every that many steps and at the end. on_step(step, metrics_dict) is called
-  with host metrics one step late (and may raise to stop the run). eval_fn(step, trainable) runs after
-  every `eval_every` steps (not after the last: callers evaluate the result) on the current params and
-  its result is kept in history.evals. A NaN/Inf loss raises Diverged;
-  params are checked finite before every save, so a checkpoint never holds a diverged state.
+  lr_schedule(step) defaults to `tc.lr_schedule()`. With out_dir and resume, an existing checkpoint there is
+  restored first and the run continues after it; its state.json must record the same tc.RESUME_FIELDS and
+  `extra_state` (JSON values: the caller records there what else the run depends on, e.g. the data) unless
+  resume_anyway, and a step below tc.steps (see resume_point). With out_dir and not resume, checkpoints
+  already there are moved aside first (see set_aside). With out_dir, a checkpoint is saved every
+  tc.save_every steps and at the end (tc.save_every 0: at the end only), the newest tc.keep_checkpoints
+  kept. on_step(step, metrics_dict) is called with host metrics one step late (and may raise to stop the
+  run). eval_fn(step, trainable) runs after every `tc.eval_every` steps (not after the last: callers evaluate
+  the result) on the current params and its result is kept in history.evals. A NaN/Inf loss raises
+  Diverged; params are checked finite before every save, so a checkpoint never holds a diverged state.
   """
+  num_steps, optimizer, eval_every = tc.steps, tc.optimizer, tc.eval_every
+  save_every = tc.save_every or num_steps
+  lr_schedule = tc.lr_schedule() if lr_schedule is None else lr_schedule
   opt_state = optimizer.init(trainable)
   if mesh is not None:
     opt_state = _place_opt_state(opt_state, mesh)
@@ -320,9 +321,9 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
       shardings = dict(trainable_shardings=sharding.param_shardings(trainable, mesh),
                        frozen_shardings=sharding.param_shardings(frozen, mesh),
                        opt_state_shardings=jax.tree.map(lambda x: x.sharding, opt_state))
-    train_step = train.make_train_step(cfg, optimizer=optimizer, clip_norm=clip_norm, accum_steps=accum_steps,
+    train_step = train.make_train_step(cfg, optimizer=optimizer, clip_norm=tc.clip, accum_steps=tc.accum,
                                        mesh=mesh, **shardings)
-  identity = resume_identity(seed, optimizer, extra_state)
+  identity = {**tc.resume_identity(), **_as_json(extra_state or {})}
   start = 0
   if out_dir is not None and not resume:
     set_aside(out_dir)
@@ -331,7 +332,7 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
     trainable, opt_state, state = load_checkpoint(point[0], trainable, opt_state)
     start = state["step"]
   history = History()
-  state_info = {**identity, "config": dataclasses.asdict(cfg)}
+  state_info = {**identity, "train_config": _as_json(dataclasses.asdict(tc)), "config": dataclasses.asdict(cfg)}
 
   def report(step, metrics, t):
     m = {k: float(v) for k, v in metrics.items()}
@@ -350,7 +351,8 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
     if not train.all_finite(trainable):
       raise Diverged(f"step {step}: params are not finite; not saving. The last good checkpoint "
                      f"({latest(out_dir)}) is left in place.")
-    save_checkpoint(out_dir, step, trainable, opt_state, {**state_info, "lr": lr_schedule(step)}, keep=keep)
+    save_checkpoint(out_dir, step, trainable, opt_state, {**state_info, "lr": lr_schedule(step)},
+                    keep=tc.keep_checkpoints)
 
   pending = None
   done = saved = start  # the last step whose update `trainable` holds; the last step saved
@@ -364,7 +366,7 @@ def fit(cfg: PaliGemmaConfig, trainable, frozen, batches_from: Callable[[int], I
       if pending is not None:  # the previous step's metrics: done by now, so reading them costs no sync
         report(*pending)
       pending = (step, metrics, time.perf_counter() - t0)
-      if out_dir is not None and save_every and (step % save_every == 0 or step == num_steps):
+      if out_dir is not None and (step % save_every == 0 or step == num_steps):
         report(*pending)
         pending = None
         save(step)

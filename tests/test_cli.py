@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import screenshot
-from pgjax import checkpoint, cli, loop
+from pgjax import checkpoint, cli, finetune, loop
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +200,11 @@ def test_bad_paths_and_dtype_exit_2_naming_them(jsonl, tmp_path, capsys):
 def test_schedule_matches_big_vision_recipe():
   # big_vision's notebook: TRAIN_STEPS = 64, create_learning_rate_schedule(total_steps=65, base=0.03,
   # decay_type="cosine", warmup_percent=0.10) at steps 1..64; warmup round(6.5) = 6 steps.
-  lr = cli.lr_schedule("cosine", 0.03, 64, 0.1)
+  lr = finetune.TrainConfig(schedule="cosine", lr=0.03, steps=64, warmup=0.1).lr_schedule()
   assert round(lr(20), 5) == 0.02602 and round(lr(32), 5) == 0.01778 and f"{lr(64):.1e}" == "2.1e-05"
   assert lr(1) == pytest.approx(0.005, rel=1e-12) and lr(6) == pytest.approx(0.03, rel=1e-12)
   # linear over 9 + 1 steps, warmup round(1.0) = 1: lr(s) = 0.9 * (1 - (s - 1) / 9).
-  lin = cli.lr_schedule("linear", 0.9, 9, 0.1)
+  lin = finetune.TrainConfig(schedule="linear", lr=0.9, steps=9, warmup=0.1).lr_schedule()
   assert [round(lin(s), 12) for s in (1, 5, 9)] == [0.9, 0.5, 0.1]
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import prefix_lm_batch, random_params
-from pgjax import checkpoint, config, loop, train
+from pgjax import checkpoint, config, finetune, loop, train
 
 CFG = config.get("tiny-gemma1-mqa")
 
@@ -28,10 +28,14 @@ def params():
   return random_params(CFG, seed=5)
 
 
+_TC_FIELDS = ("save_every", "optimizer", "seed")
+
+
 def _run(params, out_dir, num_steps=6, **kw):
   trainable, frozen = train.split(params, train.is_trainable)
   kw.setdefault("lr_schedule", train.schedule("cosine", 0.05, num_steps))
-  return loop.fit(CFG, trainable, frozen, batches_from, num_steps=num_steps, out_dir=out_dir, **kw)
+  tc = finetune.TrainConfig(steps=num_steps, **{k: kw.pop(k) for k in _TC_FIELDS if k in kw})
+  return loop.fit(CFG, tc, trainable, frozen, batches_from, out_dir=out_dir, **kw)
 
 
 @pytest.mark.parametrize("optimizer", [train.Optimizer(), train.Optimizer(name="adamw")])
@@ -253,7 +257,7 @@ def test_a_data_error_keeps_what_was_trained(params, tmp_path):
       yield batch
 
   trainable, frozen = train.split(params, train.is_trainable)
-  fit = lambda: loop.fit(CFG, trainable, frozen, bad_from, num_steps=6, out_dir=tmp_path / "b",
+  fit = lambda: loop.fit(CFG, finetune.TrainConfig(steps=6), trainable, frozen, bad_from, out_dir=tmp_path / "b",
                          lr_schedule=train.schedule("cosine", 0.05, 6))
   with pytest.raises(ValueError, match="injected") as stopped:
     fit()

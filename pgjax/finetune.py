@@ -1,0 +1,382 @@
+"""The fine-tuning job as a library: `TrainConfig` holds every setting of a run, `finetune` runs the whole job.
+
+  from pgjax import finetune
+  tc = finetune.TrainConfig(steps=64, batch_size=8, lr=0.03, max_len=128)
+  run = finetune.finetune(tc, train="train.jsonl", val="val.jsonl", checkpoint="paligemma-3b-pt-224.f16.npz",
+                          tokenizer="paligemma_tokenizer.model", out="runs/x")
+  run.summary["after"]                     # the eval metrics after fine-tuning; run.params is the trained tree
+
+`pgjax finetune` maps its flags onto a TrainConfig and calls `finetune`; the embedded demo's fine-tune and
+its two pretraining stages are TrainConfig presets (pgjax/demo.py) that go through the same path.
+
+One batch from JSONL to an SGD update, in the order the job calls them:
+  data.read_jsonl (rows) -> data.train_batches (tokenizer.encode_example, images) -> loop.fit (the step
+  loop, checkpoints, resume) -> train.make_train_step -> train.loss_fn (paligemma.forward) -> the optimizer's
+  update of the trainable subtree.
+
+The recipe is big_vision's: only the LLM's attention layers train, in float32; everything else is frozen in
+float16 (bfloat16 on hardware that has it); SGD with warmup + cosine laid out over steps + 1 (see
+`TrainConfig.lr_schedule`); Gemma 2's final logit soft cap set to 0 as its transfer configs do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from pgjax import train as train_lib
+from pgjax.config import PaliGemmaConfig
+
+SCHEDULES = ("cosine", "linear", "constant")
+REMATS = ("none", "full", "dots")
+FROZEN_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class SettingError(ValueError):
+  """A TrainConfig setting that cannot work (out of range, or not fitting the devices); `field` names it."""
+
+  def __init__(self, field: str, detail: str):
+    super().__init__(f"{field} {detail}")
+    self.field, self.detail = field, detail
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Every setting of a fine-tuning run. Frozen and hashable; `dataclasses.replace` derives variants.
+
+  The defaults are big_vision's recipe for a real checkpoint (the notebook's lr, batch and text length); the
+  demo's presets are in pgjax/demo.py. The fields a resume must match are RESUME_FIELDS.
+  """
+
+  # The optimisation.
+  steps: int = 100
+  batch_size: int = 8
+  lr: float = 0.03
+  schedule: str = "cosine"  # linear warmup to lr, then cosine (or linear) decay; "constant": lr throughout
+  warmup: float = 0.1  # warmup steps: round(warmup * (steps + 1)), as big_vision's
+  optimizer: train_lib.Optimizer = train_lib.Optimizer()  # plain SGD (the seed's); momentum and AdamW use optax
+  clip: float | None = None  # clip the gradient's global norm to this
+  accum: int = 1  # gradient accumulation: micro-batches per step
+  # What trains, and in what precision.
+  trainable: tuple[str, ...] = ("llm/layers/attn/.*",)  # regexes over "/"-joined param paths
+  frozen_dtype: str = "float16"
+  remat: str = "none"  # "full" or "dots" trade compute for memory (bench/README.md has the table)
+  keep_final_softcap: bool = False  # big_vision's transfer sets Gemma 2's final soft cap to 0 ("better for transfer")
+  # The data.
+  max_len: int = 128  # tokens per example: [bos] prefix "\n" suffix [eos], padded
+  truncate: str = "error"  # or "keep_eos": cut over-long suffixes but keep their eos (reported)
+  seed: int = 0  # the data order and augmentation: every step is a function of (seed, step)
+  # Evaluation: before and after training on every val row, during training on the first eval_examples.
+  task: str | None = None  # vqa, caption, exact or detect; None: from the data (evaluate.detect_task)
+  max_new_tokens: int = 32
+  eval_every: int = 0  # steps between evaluations during training; 0: none
+  eval_examples: int = 64  # val rows for the evaluations during training; 0: all
+  eval_batch_size: int = 64
+  # Checkpoints.
+  save_every: int = 0  # steps between checkpoints; 0: at the end only
+  keep_checkpoints: int = 2  # the newest this many are kept; 0: all
+
+  # The settings a resumed run must share with its checkpoint to continue it faithfully (the data order, the
+  # optimizer, what trains, the batch). The others (steps, lr, cadence) may change on resume.
+  RESUME_FIELDS: ClassVar[tuple[str, ...]] = ("seed", "optimizer", "trainable", "batch_size")
+
+  def __post_init__(self):
+    object.__setattr__(self, "trainable", tuple(self.trainable))  # a list would make the config unhashable
+    checks = [
+        ("steps", self.steps, _is_int(self.steps, 1), "an integer >= 1"),
+        ("batch_size", self.batch_size, _is_int(self.batch_size, 1), "an integer >= 1"),
+        ("lr", self.lr, _is_real(self.lr) and self.lr > 0, "a finite number > 0"),
+        ("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+        ("warmup", self.warmup, _is_real(self.warmup) and 0 <= self.warmup < 1, "a fraction in [0, 1)"),
+        ("clip", self.clip, self.clip is None or (_is_real(self.clip) and self.clip > 0), "None or a finite number > 0"),
+        ("accum", self.accum, _is_int(self.accum, 1), "an integer >= 1"),
+        ("trainable", self.trainable, all(isinstance(p, str) for p in self.trainable), "a tuple of regexes"),
+        ("frozen_dtype", self.frozen_dtype, self.frozen_dtype in FROZEN_DTYPES, f"one of {FROZEN_DTYPES}"),
+        ("remat", self.remat, self.remat in REMATS, f"one of {REMATS}"),
+        ("max_len", self.max_len, _is_int(self.max_len, 1), "an integer >= 1"),
+        ("truncate", self.truncate, self.truncate in ("error", "keep_eos"), "'error' or 'keep_eos'"),
+        ("seed", self.seed, _is_int(self.seed, 0), "an integer >= 0"),
+        ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens, 1), "an integer >= 1"),
+        ("eval_every", self.eval_every, _is_int(self.eval_every, 0), "an integer >= 0"),
+        ("eval_examples", self.eval_examples, _is_int(self.eval_examples, 0), "an integer >= 0"),
+        ("eval_batch_size", self.eval_batch_size, _is_int(self.eval_batch_size, 1), "an integer >= 1"),
+        ("save_every", self.save_every, _is_int(self.save_every, 0), "an integer >= 0"),
+        ("keep_checkpoints", self.keep_checkpoints, _is_int(self.keep_checkpoints, 0), "an integer >= 0"),
+    ]
+    for name, value, ok, need in checks:
+      if not ok:
+        raise SettingError(name, f"must be {need}, got {value!r}")
+    for pattern in self.trainable:  # a pattern that does not compile is named now, not after the model loads
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise SettingError("trainable", f"pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+  def lr_schedule(self) -> Callable[[int], float]:
+    """The learning rate for steps 1..steps. big_vision's recipe (the PaliGemma notebook) builds its schedule
+    over total_steps = TRAIN_STEPS + 1 and evaluates it at steps 1..TRAIN_STEPS, so the decay reaches 0 one
+    step after the last and the last step still learns; a schedule over `steps` would give the last step lr 0,
+    a wasted step. Warmup steps are round(warmup * (steps + 1)), as big_vision's."""
+    return train_lib.schedule(self.schedule, self.lr, self.steps + 1, self.warmup)
+
+  def resume_identity(self) -> dict:
+    """RESUME_FIELDS as state.json records them (JSON values: tuples become lists)."""
+    return json.loads(json.dumps({k: _jsonable(getattr(self, k)) for k in self.RESUME_FIELDS}))
+
+  def model_config(self, cfg: PaliGemmaConfig) -> PaliGemmaConfig:
+    """The model config this run trains: `remat` applied, Gemma 2's final soft cap removed unless kept."""
+    cfg = dataclasses.replace(cfg, remat=self.remat)
+    if cfg.llm.final_logits_softcap and not self.keep_final_softcap:
+      cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, final_logits_softcap=0.0))
+    return cfg
+
+
+def _is_int(x, least: int) -> bool:
+  return type(x) is int and x >= least  # type(): True is no step count
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _jsonable(x):
+  return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
+
+
+def data_identity(rows) -> dict:
+  """The training data as state.json records it for resume: the example count and a SHA-256 of each
+  row's prefix, suffix and image path relative to the images' common folder, in order. A resumed run
+  must see the same examples in the same order; image bytes are not read (that is an epoch of I/O), and
+  the relative paths let the data folder move."""
+  images = [os.path.abspath(r["image"]) if isinstance(r["image"], str) else "" for r in rows]
+  common = os.path.commonpath([os.path.dirname(i) for i in images]) if images and all(images) else ""
+  h = hashlib.sha256()
+  for r, image in zip(rows, images):
+    name = os.path.relpath(image, common) if common else image
+    h.update(json.dumps([name, r["prefix"], r.get("suffix")]).encode() + b"\n")
+  return {"examples": len(rows), "sha256": h.hexdigest()}
+
+
+def load_tokenizer(tok, cfg: PaliGemmaConfig):
+  """A Tokenizer from a path (or the Tokenizer given), refused when it has more pieces than the model's vocab."""
+  from pgjax import tokenizer
+  path = getattr(tok, "path", tok)
+  if not isinstance(tok, tokenizer.Tokenizer):
+    tok = tokenizer.Tokenizer(tok)
+  if tok.vocab_size > cfg.llm.vocab_size:
+    raise ValueError(f"tokenizer {path} has {tok.vocab_size} pieces, more than the model's {cfg.llm.vocab_size}")
+  return tok
+
+
+def check_mesh(tc: TrainConfig, mesh) -> None:
+  """The batch must split evenly over the mesh's data-parallel devices; refused before anything loads."""
+  n = mesh.shape["data"]
+  if tc.batch_size % n:
+    raise SettingError("batch_size", f"{tc.batch_size} does not split over the {n} data-parallel devices "
+                       f"({mesh.size} devices, {mesh.shape.get('model', 1)} per model group): use a multiple of {n}")
+
+
+@dataclasses.dataclass
+class Run:
+  """What `finetune` returns: the trained params (merged) and the run's record."""
+
+  params: dict
+  history: object  # loop.History: per-step loss, grad_norm, lr, seconds; eval results by step
+  before: dict | None  # evaluate.evaluate's result before training (None without val rows)
+  after: dict | None
+  summary: dict  # what summary.json holds
+  out: str | None
+
+
+def _rows(x):
+  if isinstance(x, (str, os.PathLike)):
+    from pgjax import data
+    return data.read_jsonl(x)
+  return list(x)
+
+
+def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None, model: PaliGemmaConfig | None = None,
+             params=None, out=None, mesh=None, resume: bool = True, resume_anyway: bool = False,
+             save_full: bool = False, safetensors: bool = False, report_examples: int = 24,
+             summary_extra: dict | None = None, on_step: Callable | None = None, quiet: bool = False) -> Run:
+  """Runs a whole fine-tuning job: load, train, evaluate before and after, save, report; resumes in `out`.
+
+  Inputs: `train` and `val` are lists of rows (data.read_jsonl, demo.questions, ...) or JSONL paths. The
+  model is `checkpoint` (an npz path; its config inferred from its shapes unless `model` is given) or
+  `params` (a tree in memory, with `model`); `tokenizer` a path or a Tokenizer.
+  Outputs in `out` (None: nothing is written and nothing resumes): checkpoints/ (loop.py), metrics.jsonl,
+  summary.json, report.html, and with save_full final.npz, with safetensors final_trainable.safetensors
+  (and final.safetensors with save_full). A run in an `out` that holds checkpoints resumes from the newest
+  (refused with loop.SettingsChanged when RESUME_FIELDS, the checkpoint or the training data differ, unless
+  resume_anyway; loop.NothingToTrain when it already reached tc.steps); resume=False starts over, moving
+  them aside. `mesh`: default all devices on the "data" axis. on_step(step, metrics) sees every step's
+  host metrics, one step late. Raises loop.Diverged on a NaN/Inf loss (the last good checkpoint stays).
+  """
+  from pgjax import checkpoint as ckpt_lib, data, evaluate, loop, progress, sharding
+  say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
+  bar = (lambda *a, **k: None) if quiet else progress.callback
+  train_rows, val_rows = _rows(train), _rows(val)
+  if params is None:
+    if checkpoint is None:
+      raise ValueError("finetune needs a checkpoint= path, or params= and model=")
+    cfg = model or ckpt_lib.infer_config(checkpoint)
+  elif model is None:
+    raise ValueError("finetune with params= needs model= (their config)")
+  else:
+    cfg = model
+  cfg = tc.model_config(cfg)
+  if tokenizer is None:
+    raise ValueError("finetune needs a tokenizer= (a SentencePiece model path or a Tokenizer)")
+  tok = load_tokenizer(tokenizer, cfg)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  check_mesh(tc, mesh)
+  if out is not None:
+    out = make_out_dir(out)
+  predicate = train_lib.make_predicate(list(tc.trainable))
+  frozen_dtype = jnp.dtype(tc.frozen_dtype)
+  # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint and the data.
+  extra_state = {"checkpoint": os.path.abspath(checkpoint) if params is None else None,
+                 "train_data": data_identity(train_rows)}
+  identity = {**tc.resume_identity(), **extra_state}
+  say(f"pgjax finetune: {len(train_rows)} train / {len(val_rows)} val examples; {jax.device_count()} device(s) "
+      f"{dict(mesh.shape)}; frozen params {frozen_dtype}, trainable float32; out {out}")
+  point = None
+  if out is not None and resume:  # refused here, before the checkpoint loads
+    point = loop.resume_point(out, num_steps=tc.steps, expect=identity, resume_anyway=resume_anyway)
+    if point is not None:
+      changed = loop.changed_settings(point[1], identity)
+      if changed:
+        print("pgjax finetune: resuming with changed settings:\n  " + "\n  ".join(changed), file=sys.stderr)
+      say(f"resuming from {point[0]} (step {point[1]['step']})")
+
+  t0 = time.time()
+  if params is None:
+    params = ckpt_lib.load(checkpoint, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
+                           sharding=sharding.leaf_sharding(mesh), progress=bar("load", 2**20, "MB"))
+  trainable, frozen = train_lib.split(params, predicate, frozen_dtype=frozen_dtype)
+  del params
+  n_train = sum(x.size for x in jax.tree.leaves(trainable))
+  n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
+  say(f"loaded {checkpoint or 'params'} in {time.time() - t0:.1f}s: {n_train:,} of {n_all:,} params train")
+
+  val_subset = val_rows[:tc.eval_examples] if tc.eval_examples else val_rows
+
+  def run_eval(rows, label, trainable):
+    if not rows:
+      return None
+    t = time.time()
+    res = evaluate.evaluate(train_lib.merge(trainable, frozen), cfg, tok, rows, task=tc.task,
+                            batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens,
+                            progress=bar(f"eval {label}", unit="ex"))
+    res["metrics"]["seconds"] = round(time.time() - t, 1)
+    say(f"eval {label} ({len(rows)} examples): {json.dumps({k: v for k, v in res['metrics'].items() if isinstance(v, float)})}")
+    return res
+
+  # A resumed run appends to its log; a fresh one starts it anew.
+  metrics_log = open(os.path.join(out, "metrics.jsonl"), "a" if point else "w") if out is not None else None
+
+  def log(record):
+    if metrics_log is not None:
+      metrics_log.write(json.dumps(record) + "\n")
+      metrics_log.flush()
+
+  before = run_eval(val_rows, "before", trainable)
+  if before:
+    log({"step": 0, "eval": before["metrics"]})
+  steps_bar = progress.Bar(tc.steps, "train") if not quiet else None
+  eval_points = []
+
+  def step_done(step, m):
+    log({"step": step, **m})
+    if steps_bar is not None:
+      steps_bar.update(1, loss=f"{m['loss']:.4f}")
+    if on_step is not None:
+      on_step(step, m)
+
+  def eval_fn(step, current):
+    res = run_eval(val_subset, f"step {step}", current)
+    if res:
+      log({"step": step, "eval": res["metrics"]})
+      eval_points.append((step, res["metrics"].get("accuracy", res["metrics"]["exact_match"])))
+
+  batches = lambda start: (sharding.shard_batch(b, mesh) for b in data.train_batches(
+      train_rows, tok, batch_size=tc.batch_size, size=cfg.vision.image_size, max_len=tc.max_len, seed=tc.seed,
+      start_step=start, truncate=tc.truncate))
+  t_train = time.time()
+  try:
+    trainable, _, history = loop.fit(cfg, tc, trainable, frozen, batches, out_dir=out, mesh=mesh, resume=resume,
+                                     resume_anyway=resume_anyway, extra_state=extra_state, on_step=step_done,
+                                     eval_fn=eval_fn if val_subset else None)
+  except BaseException:
+    if metrics_log is not None:
+      metrics_log.close()
+    raise
+  finally:
+    if steps_bar is not None:
+      steps_bar.close()
+  train_seconds = time.time() - t_train
+  after = run_eval(val_rows, "after", trainable)
+  if after:
+    log({"step": tc.steps, "eval": after["metrics"]})
+  params = train_lib.merge(trainable, frozen)
+  summary = {
+      **(summary_extra or {}), "checkpoint": checkpoint, "train_examples": len(train_rows),
+      "val_examples": len(val_rows), "steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr,
+      "schedule": tc.schedule, "optimizer": tc.optimizer.name, "trainable_params": n_train, "total_params": n_all,
+      "train_seconds": round(train_seconds, 1),
+      "seconds_per_step": round(train_seconds / max(len(history.steps), 1), 4),
+      "final_loss": history.loss[-1] if history.loss else None, "devices": jax.device_count(),
+      "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
+      "train_config": _jsonable(tc), "config": dataclasses.asdict(cfg),
+  }
+  if out is not None:
+    metrics_log.close()
+    _write_outputs(out, params, trainable, summary, history, eval_points, before, after, val_rows,
+                   save_full=save_full, safetensors=safetensors, report_examples=report_examples)
+    say(f"done in {time.time() - t0:.0f}s. Outputs in {out}: summary.json, metrics.jsonl, report.html, "
+        f"checkpoints/{', final.npz' if save_full else ''}")
+  return Run(params=params, history=history, before=before, after=after, summary=summary, out=out)
+
+
+def make_out_dir(out, *, name: str = "out") -> str:
+  """The output folder, made if needed; refused (naming it as `name`) when it is a file or cannot be made."""
+  out = os.fspath(out)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"{name} {out}: exists and is not a folder")
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"{name} {out}: cannot make the folder ({e.strerror})") from None
+  return out
+
+
+def _write_outputs(out, params, trainable, summary, history, eval_points, before, after, val_rows, *,
+                   save_full, safetensors, report_examples):
+  """final.npz / safetensors as asked, summary.json and report.html."""
+  from pgjax import checkpoint, viz
+  if save_full:
+    checkpoint.save(os.path.join(out, "final.npz"), params)
+  if safetensors:  # the same trees, pgjax keys ("/"-joined), for tools that read safetensors
+    from pgjax import hf
+    hf.save_safetensors(os.path.join(out, "final_trainable.safetensors"), trainable)
+    if save_full:
+      hf.save_safetensors(os.path.join(out, "final.safetensors"), params)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  shown = {k: v for k, v in summary.items() if k not in ("config", "train_config", "before", "after")}
+  grid = viz.predictions_grid(val_rows[:report_examples], after["predictions"][:report_examples]) if after else ""
+  table = {name: {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))}
+           for name, res in (("before", before), ("after", after)) if res}
+  viz.write_html(os.path.join(out, "report.html"), viz.report_html(
+      shown, viz.loss_curve_svg(history.steps, history.loss, {"val": eval_points} if eval_points else None),
+      table, grid, title=f"pgjax fine-tuning report: {out}"))
