@@ -799,13 +799,10 @@ def stats(rows, tok, max_len: int, *, layout: str = "auto") -> dict:
 
 
 def _length(row, tok, layout) -> int:
-  # Mirrors Tokenizer.encode_example's layout (a trailing "\n" of the prefix is dropped); a test
-  # holds the two together.
-  prefix = row["prefix"][:-1] if row["prefix"].endswith("\n") else row["prefix"]
   suffix = None if layout == "prompt" else row.get("suffix")
   if layout == "train" and suffix is None:
     raise ValueError(f'{row.get("_source", "<row>")}: a training example needs a "suffix" string')
-  return 1 + len(tok.encode(prefix)) + len(tok.sep_ids) + (0 if suffix is None else len(tok.encode(suffix)) + 1)
+  return tok.example_len(row["prefix"], suffix)
 
 
 def format_stats(s: dict) -> str:

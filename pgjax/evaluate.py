@@ -173,9 +173,7 @@ def _image(x, size: int, i: int) -> np.ndarray:
 def prompt_len(tok, prefixes) -> int:
   """The shortest prompt length ([bos] prefix "\\n") that fits every prefix, rounded up to a multiple
   of 8 so that similar datasets share one compilation."""
-  # As Tokenizer.encode_example lays the prompt out: a trailing "\n" of the prefix is dropped.
-  n = max(1 + len(tok.encode(p[:-1] if p.endswith("\n") else p)) + len(tok.sep_ids) for p in prefixes)
-  return -(-n // 8) * 8
+  return -(-max(tok.example_len(p) for p in prefixes) // 8) * 8
 
 
 def view_fits(params, *, headroom: float = 2.0) -> bool:
