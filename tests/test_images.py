@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pgjax import data
-from pgjax.data import ImageError, load_image, preprocess_image
+from data_fixtures import SIZE, folder  # noqa: F401 (a fixture)
+from pgjax import images
+from pgjax.images import ImageError, load_image, preprocess_image
 
 
 def _scaled(rgb):
@@ -224,4 +225,47 @@ def test_bad_arguments():
     preprocess_image(x, 2, resample="bicubic", antialias=False)
   with pytest.raises(ValueError, match="positive"):
     preprocess_image(x, 0)
-  assert issubclass(data.ImageError, ValueError)
+  assert issubclass(images.ImageError, ValueError)
+
+
+def test_image_of_every_kind(folder):
+  path = folder / "images/0.jpg"
+  want = load_image(path, SIZE)
+  np.testing.assert_array_equal(images.image_of(str(path), SIZE), want)
+  np.testing.assert_array_equal(images.image_of(path.read_bytes(), SIZE), want)
+  with Image.open(path) as im:
+    np.testing.assert_array_equal(images.image_of(im, SIZE), images.preprocess_image(im, SIZE))
+  with pytest.raises(ImageError, match=r"row 3: cannot decode"):
+    images.image_of(b"junk", SIZE, name="row 3")
+  with pytest.raises(ImageError, match="unsupported image value of type int"):
+    images.image_of(5, SIZE)
+
+
+def test_decode_rgb_then_resize_and_scale(tmp_path):
+  # The decode step alone keeps the image's size and the 8-bit scale; the rest gives image_of's result.
+  x = np.array([[0, 255], [128, 64]], np.uint8)
+  Image.fromarray(x).save(tmp_path / "g.png")
+  for value in (tmp_path / "g.png", (tmp_path / "g.png").read_bytes(), x):
+    rgb = images.decode_rgb(value)
+    assert rgb.dtype == np.float32 and rgb.shape == (2, 2, 3)
+    np.testing.assert_array_equal(rgb, np.repeat(x[..., None], 3, -1))
+    np.testing.assert_array_equal(images.resize_and_scale(rgb, 2), images.image_of(value, 2))
+  np.testing.assert_allclose(images.resize_and_scale(np.full((3, 3, 3), 255.0), (1, 2)), 1.0, atol=1e-6)
+  with pytest.raises(ImageError, match=r"row 2: cannot decode"):
+    images.decode_rgb(b"junk", name="row 2")
+
+
+def test_verify_image_checks_without_decoding(tmp_path):
+  noise = np.random.default_rng(4).integers(0, 256, (64, 64, 3), np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(noise).save(buf, "JPEG", quality=90)
+  (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+  images.verify_image(tmp_path / "cut.jpg")  # the header is intact: only decoding finds the truncation
+  images.verify_image(buf.getvalue())
+  with pytest.raises(ImageError, match=r"cut\.jpg.*truncated"):
+    images.decode_rgb(tmp_path / "cut.jpg")
+  with pytest.raises(ImageError, match=r"<image bytes>: cannot decode"):
+    images.verify_image(b"not an image")
+  Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+  with pytest.raises(ImageError, match=r"big\.png.*400 pixels.*max_pixels=100"):
+    images.verify_image(tmp_path / "big.png", max_pixels=100)
