@@ -50,11 +50,11 @@ def _model(args, dtype=None):
 
 
 def _rows(path, image_dir, skip_bad, what, validate_images="header"):
-  from pgjax import data
+  from pgjax import sources
   if os.path.isdir(path):  # open() would fail with a bare IsADirectoryError
     flag = {"train": "--train", "val": "--val", "eval": "--data"}.get(what, "data")
     raise ValueError(f"{flag} {path}: is a folder; pass the JSONL file inside it")
-  rows = data.read_jsonl(path, image_dir=image_dir, skip_bad=skip_bad, validate_images=validate_images)
+  rows = sources.read_jsonl(path, image_dir=image_dir, skip_bad=skip_bad, validate_images=validate_images)
   for source, reason in rows.skipped:
     print(f"skipped {source}: {reason}", file=sys.stderr)
   if rows.skipped:
@@ -246,8 +246,8 @@ def _regex(text):
 
 
 def _add_validate_images(p):
-  from pgjax import data  # the choices are data.read_jsonl's own
-  p.add_argument("--validate-images", default="header", choices=data.VALIDATE_IMAGES,
+  from pgjax import sources  # the choices are sources.read_jsonl's own
+  p.add_argument("--validate-images", default="header", choices=sources.VALIDATE_IMAGES,
                  help="how images are checked before anything runs: header (default: open each file and verify "
                       "its header; fast), full (decode every image: also catches truncated JPEGs, at the cost of "
                       "an epoch of decoding), none (only that the files exist)")

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgjax import data, decode
+from pgjax import decode
+from pgjax.images import load_image, preprocess_image
 from pgjax.metrics import caption_metrics, exact_match, vqa_accuracy, vqa_accuracy_batch  # noqa: F401 (public)
 
 TASKS = ("vqa", "caption", "exact", "detect")
@@ -160,10 +161,10 @@ def detection_metrics(predictions, targets, iou_threshold: float = 0.5) -> dict:
 def _image(x, size: int, i: int) -> np.ndarray:
   """A path, PIL image, uint8/uint16 array or float array in [-1, 1] -> float32 [size, size, 3]."""
   if isinstance(x, (str, os.PathLike)):  # load_image's errors name the file
-    return data.load_image(x, size)
+    return load_image(x, size)
   a = x if hasattr(x, "mode") else np.asarray(x)
   if hasattr(a, "mode") or a.dtype in (np.uint8, np.uint16):
-    return data.preprocess_image(a, size)
+    return preprocess_image(a, size)
   if a.shape != (size, size, 3):
     raise ValueError(f"example {i}: a float image must be preprocessed to [{size}, {size}, 3] in [-1, 1], got "
                      f"shape {a.shape} (pass a path or a uint8 array to have it resized)")
@@ -173,9 +174,7 @@ def _image(x, size: int, i: int) -> np.ndarray:
 def prompt_len(tok, prefixes) -> int:
   """The shortest prompt length ([bos] prefix "\\n") that fits every prefix, rounded up to a multiple
   of 8 so that similar datasets share one compilation."""
-  # As Tokenizer.encode_example lays the prompt out: a trailing "\n" of the prefix is dropped.
-  n = max(1 + len(tok.encode(p[:-1] if p.endswith("\n") else p)) + len(tok.sep_ids) for p in prefixes)
-  return -(-n // 8) * 8
+  return -(-max(tok.example_len(p) for p in prefixes) // 8) * 8
 
 
 def view_fits(params, *, headroom: float = 2.0) -> bool:

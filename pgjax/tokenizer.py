@@ -151,13 +151,7 @@ class Tokenizer:
     """
     if truncate not in TRUNCATE_POLICIES:
       raise ValueError(f"truncate={truncate!r}; expected one of {TRUNCATE_POLICIES}")
-    if not isinstance(prefix, str) or not isinstance(suffix, (str, type(None))):
-      raise TypeError(f"prefix and suffix must be str (suffix may be None), got {type(prefix).__name__} "
-                      f"and {type(suffix).__name__}")
-    if prefix.endswith("\n"):
-      prefix = prefix[:-1]
-    prompt = [self.bos_id] + self.encode(prefix) + list(self.sep_ids)
-    answer = [] if suffix is None else self.encode(suffix) + [self.eos_id]
+    prompt, answer = self._layout(prefix, suffix)
     need = len(prompt) + len(answer)
     if len(prompt) + (suffix is not None) > max_len:
       what = "prompt ([bos] prefix \"\\n\")" + (" plus the eos" if suffix is not None else "")
@@ -181,6 +175,23 @@ class Tokenizer:
     mask_input[:n] = 1
     return dict(text=text, mask_ar=mask_ar, mask_loss=mask_loss, mask_input=mask_input,
                 num_truncated=num_truncated)
+
+  def example_len(self, prefix: str, suffix: str | None = None) -> int:
+    """The tokens `encode_example` lays out before padding: [bos] prefix "\\n" (a prompt, when suffix
+    is None) plus suffix [eos]. The example fits max_len untruncated when this is at most max_len."""
+    return sum(len(ids) for ids in self._layout(prefix, suffix))
+
+  def _layout(self, prefix, suffix) -> tuple[list[int], list[int]]:
+    """([bos] prefix "\\n", suffix [eos] or nothing): the token layout `encode_example` pads and
+    `example_len` counts."""
+    if not isinstance(prefix, str) or not isinstance(suffix, (str, type(None))):
+      raise TypeError(f"prefix and suffix must be str (suffix may be None), got {type(prefix).__name__} "
+                      f"and {type(suffix).__name__}")
+    if prefix.endswith("\n"):
+      prefix = prefix[:-1]
+    prompt = [self.bos_id] + self.encode(prefix) + list(self.sep_ids)
+    answer = [] if suffix is None else self.encode(suffix) + [self.eos_id]
+    return prompt, answer
 
 
 def _load_proto(proto: bytes, name: str) -> spm.SentencePieceProcessor:

@@ -48,14 +48,14 @@ def _e(x) -> str:
 
 def to_pil(image) -> Image.Image:
   """A path, PIL image, uint8/uint16 array or float array in [-1, 1] ([H, W], [H, W, 1|3|4]) -> RGB PIL image,
-  decoded as the model's input is (`data`'s rules: 16-bit scaled to 8, not clipped; EXIF orientation applied)."""
-  from pgjax import data
+  decoded as the model's input is (`images`' rules: 16-bit scaled to 8, not clipped; EXIF orientation applied)."""
+  from pgjax import images
   if isinstance(image, Image.Image):
-    return _rgb8(data._pil_to_rgb(image, "<PIL image>"))
+    return _rgb8(images.decode_rgb(image))
   if isinstance(image, (str, os.PathLike)):
     with Image.open(image) as im:
       im.load()
-      return _rgb8(data._pil_to_rgb(im, os.fspath(image)))
+      return _rgb8(images.decode_rgb(im, name=os.fspath(image)))
   a = np.asarray(image)
   if np.issubdtype(a.dtype, np.floating):
     if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
@@ -66,7 +66,7 @@ def to_pil(image) -> Image.Image:
     return Image.fromarray(np.clip((np.nan_to_num(a) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)).convert("RGB")
   if a.dtype not in (np.uint8, np.uint16):
     raise ValueError(f"image array must be uint8, uint16 or float in [-1, 1], got {a.dtype}")
-  return _rgb8(data._array_to_rgb(a))
+  return _rgb8(images.decode_rgb(a))
 
 
 def _rgb8(rgb_HW3: np.ndarray) -> Image.Image:

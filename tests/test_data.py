@@ -1,227 +1,251 @@
-"""Image loading: every PIL mode, hand-computed pixel values, EXIF, antialiasing, clear errors."""
+"""Examples and batches: encode, seeded resumable multi-host batches, eval padding, stats, augmentation."""
 
-import io
+import re
+import threading
+import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from data_fixtures import GOOD, MAX_LEN, SIZE, _same, _take, _write, folder, tok  # noqa: F401 (fixtures)
 from pgjax import data
-from pgjax.data import ImageError, load_image, preprocess_image
+from pgjax.data import Augment, encode, eval_batches, stats, train_batches
+from pgjax.images import ImageError, load_image
+from pgjax.sources import read_jsonl
 
 
-def _scaled(rgb):
-  return np.asarray(rgb, np.float64) / 127.5 - 1
+# ----------------------------------------------------------------------------------------- examples
 
 
-def _palette(mode, index, colour):
-  im = Image.new(mode, (7, 5), index if mode == "P" else (index, 0))
-  im.putpalette(list(colour) * 256)
-  return im
+def test_encode_layouts(folder, tok):
+  row = read_jsonl(folder / "train.jsonl")[1]
+  ex = encode(row, tok, size=SIZE, max_len=MAX_LEN)
+  want = tok.encode_example(row["prefix"], row["suffix"], max_len=MAX_LEN)
+  for k in ("text", "mask_ar", "mask_loss", "mask_input"):
+    np.testing.assert_array_equal(ex[k], want[k])
+  assert ex["image"].dtype == np.float32 and ex["image"].shape == (SIZE, SIZE, 3)
+  np.testing.assert_array_equal(ex["image"], load_image(row["image"], SIZE))  # exactly, no augmentation
+  prompt = encode(row, tok, size=SIZE, max_len=MAX_LEN, layout="prompt")
+  np.testing.assert_array_equal(prompt["text"], tok.encode_example(row["prefix"], max_len=MAX_LEN)["text"])
+  assert prompt["mask_loss"].sum() == 0
+  no_suffix = {k: v for k, v in row.items() if k != "suffix"}
+  np.testing.assert_array_equal(encode(no_suffix, tok, size=SIZE, max_len=MAX_LEN)["text"], prompt["text"])
+  with pytest.raises(ValueError, match=re.escape(row["_source"]) + r': a training example needs a "suffix"'):
+    encode(no_suffix, tok, size=SIZE, max_len=MAX_LEN, layout="train")
+  # An empty suffix still has one supervised token: the eos.
+  ex = encode(dict(row, suffix=""), tok, size=SIZE, max_len=MAX_LEN)
+  assert ex["mask_loss"].sum() == 1 and ex["text"][ex["mask_loss"] == 1][0] == tok.eos_id
 
 
-# (mode, a constant image of that mode, the RGB it must read as on the 0..255 scale), worked out by hand.
-CASES = [
-    ("1", lambda: Image.new("1", (7, 5), 1), (255, 255, 255)),
-    ("L", lambda: Image.new("L", (7, 5), 100), (100, 100, 100)),
-    ("LA", lambda: Image.new("LA", (7, 5), (100, 3)), (100, 100, 100)),
-    ("P", lambda: _palette("P", 3, (30, 60, 90)), (30, 60, 90)),
-    ("PA", lambda: _palette("PA", 3, (30, 60, 90)), (30, 60, 90)),
-    ("RGB", lambda: Image.new("RGB", (7, 5), (10, 200, 77)), (10, 200, 77)),
-    ("RGBA", lambda: Image.new("RGBA", (7, 5), (10, 200, 77, 0)), (10, 200, 77)),
-    ("CMYK", lambda: Image.new("CMYK", (7, 5), (0, 255, 55, 0)), (255, 0, 200)),  # no K: 255 - C, M, Y
-    ("YCbCr", lambda: Image.new("YCbCr", (7, 5), (128, 128, 128)), (128, 128, 128)),  # neutral chroma
-    ("HSV", lambda: Image.new("HSV", (7, 5), (0, 255, 255)), (255, 0, 0)),  # hue 0, full saturation
-    ("I", lambda: Image.new("I", (7, 5), 25700), (100, 100, 100)),  # 16-bit data in "I": / 257
-    ("I;16", lambda: Image.new("I;16", (7, 5), 65535), (255, 255, 255)),
-    ("I;16B", lambda: Image.new("I;16B", (7, 5), 257 * 20), (20, 20, 20)),
-    ("I;16L", lambda: Image.new("I;16L", (7, 5), 257 * 40), (40, 40, 40)),
-    ("F", lambda: Image.new("F", (7, 5), 100.5), (100.5, 100.5, 100.5)),
-]
+def test_training_rows_need_a_suffix(folder, tok):
+  rows = read_jsonl(folder / "train.jsonl")
+  del rows[4]["suffix"]
+  with pytest.raises(ValueError, match=r'1 training row\(s\) have no "suffix".*train\.jsonl:5'):
+    train_batches(rows, tok, batch_size=2, size=SIZE, max_len=MAX_LEN, seed=0, process_index=0, process_count=1)
 
 
-@pytest.mark.parametrize("mode,make,rgb", CASES, ids=[c[0] for c in CASES])
-def test_every_mode_in_memory(mode, make, rgb):
-  im = make()
-  assert im.mode == mode
-  out = preprocess_image(im, 4)
-  assert out.dtype == np.float32 and out.shape == (4, 4, 3)
-  # A constant image resizes to exactly itself, so the output is the colour / 127.5 - 1.
-  tol = 2 / 127.5 if mode == "YCbCr" else 1e-6  # YCbCr -> RGB is fixed-point in Pillow
-  np.testing.assert_allclose(out, np.broadcast_to(_scaled(rgb), out.shape), atol=tol, rtol=0)
+# ------------------------------------------------------------------------------------------ batches
 
 
-FILE_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "I;16B", "F"]
+def _epochs(n, seed, count):
+  return np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range(count)])
 
 
-@pytest.mark.parametrize("mode", FILE_MODES)
-def test_every_mode_from_tiff(tmp_path, mode):
-  make, rgb = next((m, c) for name, m, c in CASES if name == mode)
-  path = tmp_path / "x.tiff"
-  make().save(path)
-  out = load_image(path, 6)
-  assert out.dtype == np.float32 and out.shape == (6, 6, 3)
-  assert out.min() >= -1 and out.max() <= 1
-  tol = 2 / 127.5 if mode == "YCbCr" else 1e-6
-  np.testing.assert_allclose(out, np.broadcast_to(_scaled(rgb), out.shape), atol=tol, rtol=0)
+def test_order_determinism_and_resumption(folder, tok):
+  rows = read_jsonl(folder / "train.jsonl")
+  kw = dict(batch_size=3, size=SIZE, max_len=MAX_LEN, seed=5, process_index=0, process_count=1)
+  full, infos = [], []
+  with train_batches(rows, tok, **kw) as it:
+    for _ in range(9):  # 27 examples: nearly four epochs of 7, batches straddling epoch boundaries
+      full.append(next(it))
+      infos.append(it.info)
+  order = np.concatenate([i["indices"] for i in infos])
+  np.testing.assert_array_equal(order, _epochs(7, 5, 4)[:27])
+  for e in range(3):
+    assert sorted(order[7 * e:7 * (e + 1)]) == list(range(7))  # each epoch: every example once
+  assert infos[2]["sources"] == [rows[i]["_source"] for i in order[6:9]]
+  for s, b in enumerate(full):  # each batch really holds its rows
+    for j, i in enumerate(order[3 * s:3 * s + 3]):
+      np.testing.assert_array_equal(b["image"][j], load_image(rows[i]["image"], SIZE))
+      np.testing.assert_array_equal(b["text"][j], tok.encode_example(rows[i]["prefix"], rows[i]["suffix"],
+                                                                      max_len=MAX_LEN)["text"])
+  again = _take(train_batches(rows, tok, **kw), 9)
+  for a, b in zip(full, again):
+    _same(a, b)
+  for k in (1, 2, 5):  # step 2 starts mid-epoch (example 6), 5 crosses into epoch 2
+    tail = _take(train_batches(rows, tok, start_step=k, **kw), 9 - k)
+    assert len(tail) == 9 - k
+    for a, b in zip(full[k:], tail):
+      _same(a, b)
+  assert len(_take(train_batches(rows, tok, num_steps=4, **kw))) == 4
+  other = _take(train_batches(rows, tok, **dict(kw, seed=6)), 3)
+  assert any(not np.array_equal(a["text"], b["text"]) for a, b in zip(full, other))
 
 
-def test_32_bit_integer_range():
-  # "I" holding more than 16 bits is read on the 0..2**31-1 scale; negatives clip to black.
-  np.testing.assert_allclose(preprocess_image(Image.new("I", (3, 3), 2**31 - 1), 2), 1.0, atol=1e-6)
-  np.testing.assert_allclose(preprocess_image(Image.new("I", (3, 3), 2**30), 2), _scaled(255 / 2), atol=1e-6)
-  np.testing.assert_allclose(preprocess_image(Image.new("I", (3, 3), -5), 2), -1.0, atol=1e-6)
+@pytest.mark.parametrize("hosts", [2, 3])
+def test_multi_host_shares_make_the_global_batch(folder, tok, hosts):
+  rows = read_jsonl(folder / "train.jsonl")
+  kw = dict(batch_size=6, size=SIZE, max_len=MAX_LEN, seed=1, start_step=1,
+            augment=Augment(crop_scale=(0.5, 1.0), flip=True, brightness=0.1))
+  one = _take(train_batches(rows, tok, process_index=0, process_count=1, **kw), 3)
+  shares = [_take(train_batches(rows, tok, process_index=p, process_count=hosts, **kw), 3) for p in range(hosts)]
+  for s in range(3):
+    assert shares[0][s]["image"].shape[0] == 6 // hosts
+    _same(one[s], {k: np.concatenate([sh[s][k] for sh in shares]) for k in one[s]})
+  with pytest.raises(ValueError, match="multiple of process_count=4"):
+    train_batches(rows, tok, process_index=0, process_count=4, **kw)
 
 
-def test_lab_neutral_is_grey(tmp_path):
-  Image.frombytes("LAB", (3, 2), bytes([255, 0, 0] * 6)).save(tmp_path / "lab.tiff")  # L max, a = b = 0
-  out = load_image(tmp_path / "lab.tiff", 4)
-  assert np.all(out > 1 - 3 / 127.5)
+def test_default_process_is_jax(folder, tok):
+  rows = read_jsonl(folder / "train.jsonl")
+  b = _take(train_batches(rows, tok, batch_size=2, size=SIZE, max_len=MAX_LEN, seed=0), 1)[0]
+  assert b["text"].shape == (2, MAX_LEN)  # one process here
 
 
-def test_sixteen_bit_png_scales_not_clips(tmp_path):
-  x = np.array([[0, 257, 65535], [32896, 65535, 0]], np.uint16)  # 32896 = 257 * 128
-  Image.fromarray(x).save(tmp_path / "x.png")
-  out = load_image(tmp_path / "x.png", (2, 3))
-  np.testing.assert_allclose(out[..., 0], _scaled(x / 257), atol=1e-6, rtol=0)
-  assert out[0, 2, 0] == 1.0
+def test_eval_batches_cover_every_row_once(folder, tok):
+  rows = read_jsonl(folder / "train.jsonl")
+  batches = _take(eval_batches(rows, tok, batch_size=3, size=SIZE, max_len=MAX_LEN, process_index=0, process_count=1))
+  assert len(batches) == 3 and all(b["text"].shape == (3, MAX_LEN) for b in batches)
+  index = np.concatenate([b["index"] for b in batches])
+  valid = np.concatenate([b["valid"] for b in batches])
+  np.testing.assert_array_equal(index, [0, 1, 2, 3, 4, 5, 6, -1, -1])
+  np.testing.assert_array_equal(valid, index >= 0)
+  last = batches[-1]
+  for k in data.BATCH_KEYS:  # padding repeats the last row
+    np.testing.assert_array_equal(last[k][1], last[k][0])
+    np.testing.assert_array_equal(last[k][2], last[k][0])
+  for b in batches:
+    assert b["mask_loss"].sum() == 0  # prompts only
+    for j, i in enumerate(b["index"]):
+      if i >= 0:
+        np.testing.assert_array_equal(b["text"][j], tok.encode_example(rows[i]["prefix"], max_len=MAX_LEN)["text"])
+  shares = [_take(eval_batches(rows, tok, batch_size=4, size=SIZE, max_len=MAX_LEN, process_index=p, process_count=2))
+            for p in range(2)]
+  index = np.concatenate([np.concatenate([shares[0][s]["index"], shares[1][s]["index"]]) for s in range(2)])
+  np.testing.assert_array_equal(index, [0, 1, 2, 3, 4, 5, 6, -1])
+  assert _take(eval_batches([], tok, batch_size=4, size=SIZE, max_len=MAX_LEN, process_index=0, process_count=1)) == []
 
 
-def test_grey_replicates_and_alpha_is_dropped(tmp_path):
-  rng = np.random.default_rng(0)
-  grey = rng.integers(0, 256, (8, 8), np.uint8)
-  out = preprocess_image(Image.fromarray(grey), 8)
-  np.testing.assert_array_equal(out[..., 0], out[..., 1])
-  np.testing.assert_array_equal(out[..., 0], out[..., 2])
-  np.testing.assert_allclose(out[..., 0], _scaled(grey), atol=1e-6)
-  rgb = rng.integers(0, 256, (8, 8, 3), np.uint8)
-  for alpha in (0, 128, 255):
-    rgba = np.concatenate([rgb, np.full((8, 8, 1), alpha, np.uint8)], -1)
-    Image.fromarray(rgba).save(tmp_path / "a.png")  # RGBA PNG
-    np.testing.assert_allclose(load_image(tmp_path / "a.png", 8), _scaled(rgb), atol=1e-6)
+def _pipeline_threads():
+  return {t for t in threading.enumerate() if t.name.startswith("pgjax-data")}
 
 
-def test_palette_with_transparency(tmp_path):
-  im = _palette("P", 1, (30, 60, 90))
-  im.info["transparency"] = bytes([255, 0] + [255] * 254)  # index 1 fully transparent
-  im.save(tmp_path / "p.png")
-  with Image.open(tmp_path / "p.png") as reread:
-    assert reread.mode == "P" and reread.info.get("transparency") is not None
-  np.testing.assert_allclose(load_image(tmp_path / "p.png", 3), np.broadcast_to(_scaled((30, 60, 90)), (3, 3, 3)),
-                             atol=1e-6)
+def test_worker_error_surfaces_and_threads_end(folder, tok):
+  rows = read_jsonl(folder / "train.jsonl")
+  before = _pipeline_threads()
+  order = _epochs(7, 0, 1)
+  (folder / "images/4.png").write_bytes(b"broken after the check")  # example order.index(4) fails
+  step = list(order).index(4) // 2
+  it = train_batches(rows, tok, batch_size=2, size=SIZE, max_len=MAX_LEN, seed=0, process_index=0,
+                     process_count=1, workers=3)
+  for _ in range(step):
+    next(it)
+  with pytest.raises(ImageError, match=r"images/4\.png: cannot decode image.*train\.jsonl:5"):
+    next(it)
+  with pytest.raises(StopIteration):  # closed by the error
+    next(it)
+  deadline = time.time() + 5
+  while _pipeline_threads() - before and time.time() < deadline:
+    time.sleep(0.01)
+  assert not _pipeline_threads() - before
+  # The same error without threads (workers=0 decodes in the caller's thread).
+  with pytest.raises(ImageError, match=r"4\.png"):
+    _take(train_batches(rows, tok, batch_size=2, size=SIZE, max_len=MAX_LEN, seed=0, process_index=0,
+                        process_count=1, workers=0), step + 1)
 
 
-def test_exif_orientation_is_applied(tmp_path):
-  # Stored 64 wide x 32 tall: left half red, right half blue. Orientation 6 = display rotated 90° clockwise,
-  # so the left half ends up on top: displayed 32 wide x 64 tall, top red, bottom blue.
-  x = np.zeros((32, 64, 3), np.uint8)
-  x[:, :32] = (255, 0, 0)
-  x[:, 32:] = (0, 0, 255)
-  exif = Image.Exif()
-  exif[0x0112] = 6
-  Image.fromarray(x).save(tmp_path / "r.jpg", quality=95, exif=exif)
-  out = load_image(tmp_path / "r.jpg", (64, 32))
-  assert out.shape == (64, 32, 3)
-  np.testing.assert_allclose(out[4:28].mean((0, 1)), [1, -1, -1], atol=0.05)
-  np.testing.assert_allclose(out[36:60].mean((0, 1)), [-1, -1, 1], atol=0.05)
-  Image.fromarray(x).save(tmp_path / "plain.jpg", quality=95)  # no tag: unrotated
-  out = load_image(tmp_path / "plain.jpg", (32, 64))
-  np.testing.assert_allclose(out[:, 4:28].mean((0, 1)), [1, -1, -1], atol=0.05)
+def test_close_stops_an_infinite_iterator(folder, tok):
+  before = _pipeline_threads()
+  it = train_batches(read_jsonl(folder / "train.jsonl"), tok, batch_size=2, size=SIZE, max_len=MAX_LEN, seed=0,
+                     process_index=0, process_count=1, workers=2)
+  next(it)
+  it.close()
+  assert list(it) == []
+  deadline = time.time() + 5
+  while _pipeline_threads() - before and time.time() < deadline:
+    time.sleep(0.01)
+  assert not _pipeline_threads() - before
 
 
-def test_antialias_downscale():
-  # A 1-pixel checkerboard shrunk 3x. Without antialias, TF's bilinear samples source pixel 3i+1 exactly,
-  # whose colour alternates with i: a full-contrast checkerboard (aliasing). With antialias, Pillow's
-  # triangle filter of half-width 3 weights the pixels around each centre by 1/3, 2/3, 1, 2/3, 1/3:
-  # 5/9 on the centre's parity and 4/9 on the other per axis, so interior outputs are 2*(5/9)(4/9) = 40/81
-  # or 41/81 of white.
-  board = ((np.arange(48)[:, None] + np.arange(48)[None]) % 2 * 255).astype(np.uint8)
-  aliased = preprocess_image(board, 16, antialias=False)[..., 0]
-  assert set(np.unique(aliased)) == {-1.0, 1.0}
-  smooth = preprocess_image(board, 16)[..., 0]
-  inner = (smooth[1:-1, 1:-1] + 1) / 2 * 81
-  assert np.all((np.abs(inner - 40) < 1e-4) | (np.abs(inner - 41) < 1e-4))
+def test_truncation_is_counted(folder, tok):
+  long = dict(image="images/1.png", prefix="caption en", suffix=" ".join(["big red cat"] * 10))
+  rows = read_jsonl(_write(folder / "long.jsonl", [GOOD, long]))
+  kw = dict(batch_size=2, size=SIZE, max_len=MAX_LEN, seed=0, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"1 of 2 training examples need more than max_len=24.*long\.jsonl:2"):
+    train_batches(rows, tok, **kw)
+  need = int(encode(rows[1], tok, size=SIZE, max_len=200)["mask_input"].sum())
+  with pytest.warns(UserWarning, match=f"drops {need - MAX_LEN} suffix tokens per epoch"):
+    it = train_batches(rows, tok, truncate="keep_eos", **kw)
+  with it:
+    b = next(it)
+    next(it)
+  assert it.stats == dict(examples=4, truncated_examples=2, truncated_tokens=2 * (need - MAX_LEN), augment_limited=0)
+  j = it.info["indices"].index(1)
+  assert b["text"][j, -1] == tok.eos_id and b["mask_loss"][j, -1] == 1  # the eos survives
+  with pytest.raises(ValueError, match=r"long\.jsonl:2: example needs"):
+    encode(rows[1], tok, size=SIZE, max_len=MAX_LEN)
 
 
-def test_bilinear_without_antialias_by_hand():
-  # Upscaling [0, 255] to width 4 samples source x = (i + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25,
-  # clamped to [0, 1]: 0, 63.75, 191.25, 255.
-  out = preprocess_image(np.array([[0, 255]], np.uint8), (1, 4), antialias=False)[0, :, 0]
-  np.testing.assert_allclose(out, _scaled([0, 63.75, 191.25, 255]), atol=1e-6)
+def test_stats(folder, tok):
+  rows = read_jsonl(folder / "train.jsonl")
+  rows[0]["suffix"] = ""
+  rows[1]["prefix"] = "caption en\n"  # the trailing newline is dropped, as encode_example does
+  lengths = [int(encode(r, tok, size=SIZE, max_len=64)["mask_input"].sum()) for r in rows]
+  limit = sorted(lengths)[-3]
+  s = stats(rows, tok, limit)
+  assert (s["count"], s["max"], s["empty_suffix"]) == (7, max(lengths), 1)
+  assert s["over_max_len"] == sum(n > limit for n in lengths)
+  assert s["over_tokens"] == sum(n - limit for n in lengths if n > limit)
+  assert s["over_sources"] == [r["_source"] for r, n in zip(rows, lengths) if n > limit]
+  assert sum(c for _, _, c in s["histogram"]) == 7
+  for lo, hi, c in s["histogram"]:
+    assert c == sum(lo <= n <= hi for n in lengths)
+  prompt = stats(rows, tok, limit, layout="prompt")
+  assert prompt["max"] == max(int(encode(r, tok, size=SIZE, max_len=64, layout="prompt")["mask_input"].sum())
+                              for r in rows)
+  assert "7 examples" in data.format_stats(s)
 
 
-def test_upscaling_same_with_and_without_antialias():
-  # Antialiasing only matters when shrinking: Pillow's filter and the numpy one must agree when growing.
-  x = np.random.default_rng(1).integers(0, 256, (7, 9, 3), np.uint8)
-  np.testing.assert_allclose(preprocess_image(x, (13, 20)), preprocess_image(x, (13, 20), antialias=False),
-                             atol=1e-5)
+# ------------------------------------------------------------------------------------- augmentation
 
 
-def test_quantize_floors_after_resize():
-  x = np.random.default_rng(2).integers(0, 256, (30, 40, 3), np.uint8)
-  q = preprocess_image(x, 16, quantize=True)
-  f = preprocess_image(x, 16)
-  k = (q.astype(np.float64) + 1) * 127.5
-  np.testing.assert_allclose(k, np.round(k), atol=1e-4)  # exactly 2k/255 - 1
-  np.testing.assert_array_equal(np.round(k), np.floor((f.astype(np.float64) + 1) * 127.5 + 1e-4))
+def test_augmentation_is_seeded_and_resumable(folder, tok):
+  rows = read_jsonl(folder / "train.jsonl")
+  aug = Augment(crop_scale=(0.4, 0.9), flip=True, brightness=0.2, contrast=0.3)
+  kw = dict(batch_size=3, size=SIZE, max_len=MAX_LEN, seed=2, process_index=0, process_count=1)
+  a = _take(train_batches(rows, tok, augment=aug, **kw), 4)
+  b = _take(train_batches(rows, tok, augment=aug, **kw), 4)
+  tail = _take(train_batches(rows, tok, augment=aug, start_step=2, **kw), 2)
+  plain = _take(train_batches(rows, tok, **kw), 4)
+  for x, y in zip(a, b):
+    _same(x, y)
+  for x, y in zip(a[2:], tail):
+    _same(x, y)
+  for x, y in zip(a, plain):
+    np.testing.assert_array_equal(x["text"], y["text"])
+    assert not np.array_equal(x["image"], y["image"])
+    assert x["image"].dtype == np.float32 and x["image"].min() >= -1 and x["image"].max() <= 1
 
 
-def test_numpy_inputs():
-  rgb = np.random.default_rng(3).integers(0, 256, (5, 5, 3), np.uint8)
-  rgba = np.concatenate([rgb, np.zeros((5, 5, 1), np.uint8)], -1)
-  np.testing.assert_array_equal(preprocess_image(rgba, 5), preprocess_image(rgb, 5))
-  np.testing.assert_allclose(preprocess_image(rgb, 5), _scaled(rgb), atol=1e-6)
-  assert preprocess_image(np.full((4, 4), 65535, np.uint16), 2).min() == 1.0
-  with pytest.raises(ImageError, match="float"):
-    preprocess_image(rgb.astype(np.float32), 5)
-  with pytest.raises(ImageError, match="shape"):
-    preprocess_image(np.zeros((5, 5, 2), np.uint8), 5)
-
-
-def test_file_object_input():
-  buf = io.BytesIO()
-  Image.new("RGB", (9, 9), (0, 255, 0)).save(buf, "PNG")
-  buf.seek(0)
-  np.testing.assert_allclose(load_image(buf, 3), np.broadcast_to([-1, 1, -1], (3, 3, 3)), atol=1e-6)
-
-
-def test_missing_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nope.jpg"):
-    load_image(tmp_path / "nope.jpg", 4)
-
-
-def test_corrupt_file(tmp_path):
-  (tmp_path / "junk.jpg").write_bytes(b"this is not an image at all")
-  with pytest.raises(ImageError, match="junk.jpg"):
-    load_image(tmp_path / "junk.jpg", 4)
-
-
-def test_truncated_jpeg(tmp_path):
-  noise = np.random.default_rng(4).integers(0, 256, (64, 64, 3), np.uint8)
-  buf = io.BytesIO()
-  Image.fromarray(noise).save(buf, "JPEG", quality=90)
-  (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-  with pytest.raises(ImageError, match=r"cut\.jpg.*truncated"):
-    load_image(tmp_path / "cut.jpg", 4)
-
-
-def test_decompression_bomb(tmp_path, monkeypatch):
-  Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
-  with pytest.raises(ImageError, match=r"big\.png.*400 pixels.*max_pixels=100"):
-    load_image(tmp_path / "big.png", 4, max_pixels=100)
-  # Pillow's own check: a warning above MAX_IMAGE_PIXELS (an error here too), an error above twice that.
-  for limit in (300, 150):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
-    with pytest.raises(ImageError, match=r"big\.png"):
-      load_image(tmp_path / "big.png", 4, max_pixels=10**6)
-
-
-def test_bad_arguments():
-  x = np.zeros((4, 4, 3), np.uint8)
-  with pytest.raises(ValueError, match="resample"):
-    preprocess_image(x, 2, resample="area")
-  with pytest.raises(ValueError, match="antialias=False"):
-    preprocess_image(x, 2, resample="bicubic", antialias=False)
-  with pytest.raises(ValueError, match="positive"):
-    preprocess_image(x, 0)
-  assert issubclass(data.ImageError, ValueError)
+def test_flip_and_crop_are_withheld_for_boxes_and_sides(folder, tok):
+  rows = read_jsonl(_write(folder / "loc.jsonl", [
+      dict(image="images/1.png", prefix="detect cat", suffix="<loc0100><loc0200><loc0300><loc0400> cat"),
+      dict(image="images/2.png", prefix="answer en where", suffix="on the left"),
+      dict(image="images/4.png", prefix="caption en", suffix="a cat")]))
+  flips = {0: set(), 1: set(), 2: set()}
+  for step in range(12):
+    for i, row in enumerate(rows):
+      ex = encode(row, tok, size=SIZE, max_len=64, augment=Augment(flip=True),
+                  rng=np.random.default_rng([0, step, i]))
+      plain = load_image(row["image"], SIZE)
+      flips[i].add(bool(np.array_equal(ex["image"], plain[:, ::-1])))
+      assert np.array_equal(ex["image"], plain) or np.array_equal(ex["image"], plain[:, ::-1])
+      assert ex["augment_limited"] == (i < 2)
+  assert flips == {0: {False}, 1: {False}, 2: {False, True}}
+  crop = Augment(crop_scale=(0.3, 0.5))
+  ex = encode(rows[0], tok, size=SIZE, max_len=64, augment=crop, rng=np.random.default_rng(0))
+  np.testing.assert_array_equal(ex["image"], load_image(rows[0]["image"], SIZE))  # no crop with boxes
+  ex = encode(rows[1], tok, size=SIZE, max_len=64, augment=crop, rng=np.random.default_rng(0))
+  assert not ex["augment_limited"] and not np.array_equal(ex["image"], load_image(rows[1]["image"], SIZE))
+  with pytest.raises(ValueError, match="crop_scale"):
+    Augment(crop_scale=(0.5, 1.5))

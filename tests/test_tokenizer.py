@@ -160,6 +160,19 @@ def test_over_long_prefix_always_raises(tok):
     tok.encode_example("caption en", "a cat", max_len=64, truncate="drop")
 
 
+def test_example_len_counts_the_layout(tok):
+  p, s = tok.encode("caption en"), tok.encode("a big red cat")
+  assert tok.example_len("caption en") == 1 + len(p) + 1  # [bos] prefix "\n"
+  assert tok.example_len("caption en\n") == 1 + len(p) + 1  # the trailing "\n" is the separator
+  assert tok.example_len("caption en", "a big red cat") == 1 + len(p) + 1 + len(s) + 1  # suffix [eos]
+  assert tok.example_len("caption en", "") == 1 + len(p) + 1 + 1  # the eos alone
+  for prefix, suffix in [("caption en", None), ("x\n\n", "y"), ("answer en what?", "two")]:
+    n = tok.example_len(prefix, suffix)
+    assert tok.encode_example(prefix, suffix, max_len=n)["mask_input"].sum() == n  # fits exactly
+  with pytest.raises(TypeError, match="prefix and suffix must be str"):
+    tok.example_len("caption en", 3)
+
+
 def test_missing_or_bad_model_file(tmp_path):
   missing = tmp_path / "nope.model"
   with pytest.raises(FileNotFoundError, match=str(missing)):

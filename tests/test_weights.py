@@ -50,7 +50,7 @@ def test_logits_match_transformers_on_a_real_prompt():
   import jax.numpy as jnp
   import torch
   import hf_reference
-  from pgjax import checkpoint, data, paligemma, tokenizer
+  from pgjax import checkpoint, images, paligemma, tokenizer
   path = _checkpoint()
   cfg = checkpoint.infer_config(path)
   cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, final_logits_softcap=0.0))
@@ -62,7 +62,7 @@ def test_logits_match_transformers_on_a_real_prompt():
   from PIL import Image, ImageDraw
   im = Image.new("RGB", (320, 240), (240, 240, 240))
   ImageDraw.Draw(im).ellipse((100, 60, 220, 180), fill=(200, 20, 20))
-  image = data.preprocess_image(np.asarray(im), cfg.vision.image_size)[None]
+  image = images.preprocess_image(np.asarray(im), cfg.vision.image_size)[None]
   ex = tok.encode_example("caption en", "a red circle", max_len=16)
   text, mask_ar = ex["text"][None], ex["mask_ar"][None]
   logits, _ = jax.jit(paligemma.forward, static_argnames="cfg")(params, image, text, mask_ar, cfg=cfg)
@@ -82,14 +82,14 @@ def test_logits_match_transformers_on_a_real_prompt():
 def test_short_finetune_lowers_the_loss():
   import jax
   import jax.numpy as jnp
-  from pgjax import checkpoint, data, tokenizer, train
+  from pgjax import checkpoint, images, tokenizer, train
   path = _checkpoint()
   cfg = checkpoint.infer_config(path)
   params = checkpoint.load(path, cfg, dtype=lambda k, _: jnp.float32 if train.is_trainable(k) else jnp.float16)
   trainable, frozen = train.split(params, train.is_trainable)
   del params
   tok = tokenizer.Tokenizer(TOKENIZER)
-  image = data.preprocess_image(np.full((224, 224, 3), (30, 90, 200), np.uint8), cfg.vision.image_size)
+  image = images.preprocess_image(np.full((224, 224, 3), (30, 90, 200), np.uint8), cfg.vision.image_size)
   ex = tok.encode_example("caption en", "a plain blue square", max_len=24)
   batch = {k: np.stack([v] * 2) for k, v in ex.items() if k != "num_truncated"}
   batch["image"] = np.stack([image] * 2)
