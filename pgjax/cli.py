@@ -7,7 +7,8 @@
   pgjax show-data  a JSONL as an HTML sanity view, with token-length statistics
   pgjax inspect    a checkpoint's param tree: shapes, dtypes, counts, inferred config and shardings
 
-Exit codes: 0 ok, 2 bad flags or input (the message names the file, line or key), 3 training diverged.
+Exit codes: 0 ok, 2 bad flags or input (the message names the file, line or key), 3 training diverged,
+128 + the signal when stopped (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; finetune saves its last completed step first).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 
@@ -74,13 +76,12 @@ _TRAIN_FLAGS = ("steps", "batch_size", "lr", "schedule", "warmup", "clip", "accu
 def train_config(args):
   """The run's TrainConfig: the preset (the demo's without --train, else the recipe's defaults) with every
   flag that was given."""
-  from pgjax import demo, finetune, train
+  from pgjax import demo, finetune
   base = demo.FINETUNE if args.train is None else finetune.TrainConfig()
   given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
-  if args.optimizer is not None or args.weight_decay is not None:
-    given["optimizer"] = train.Optimizer(name=args.optimizer or base.optimizer.name,
-                                         weight_decay=base.optimizer.weight_decay if args.weight_decay is None
-                                         else args.weight_decay)
+  optimizer = {k: v for k, v in (("name", args.optimizer), ("weight_decay", args.weight_decay)) if v is not None}
+  if optimizer:
+    given["optimizer"] = dataclasses.replace(base.optimizer, **optimizer)
   return dataclasses.replace(base, **given)
 
 
@@ -106,13 +107,16 @@ def cmd_finetune(args) -> int:
     val_rows = val_rows[:args.val_limit]
   cfg, tok, ckpt = _model(args)
   mesh = sharding.make_mesh(model=args.model_parallel)
-  out = finetune.make_out_dir(args.out or os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S")), name="--out")
+  out = None
   try:
     tc = train_config(args)
-    finetune.finetune(tc, train=train_rows, val=val_rows, checkpoint=ckpt, tokenizer=tok, model=cfg, out=out,
-                      mesh=mesh, resume=not args.no_resume, resume_anyway=args.resume_anyway,
-                      save_full=args.save_full, safetensors=args.safetensors, report_examples=args.report_examples,
-                      summary_extra={"demo": is_demo})
+    out = finetune.make_out_dir(args.out or os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S")),
+                                name="--out")
+    with loop.stop_on_signals():  # SIGTERM / SIGHUP anywhere in the job behave as Ctrl-C
+      finetune.finetune(tc, train=train_rows, val=val_rows, checkpoint=ckpt, tokenizer=tok, model=cfg, out=out,
+                        mesh=mesh, resume=not args.no_resume, resume_anyway=args.resume_anyway,
+                        save_full=args.save_full, safetensors=args.safetensors,
+                        report_examples=args.report_examples, summary_extra={"demo": is_demo})
   except finetune.SettingError as e:
     extra = f" (--model-parallel {args.model_parallel})" if e.field == "batch_size" else ""
     raise ValueError(f"{_flag(e.field)} {e.detail}{extra}") from None
@@ -125,6 +129,16 @@ def cmd_finetune(args) -> int:
   except loop.Diverged as e:
     print(f"pgjax finetune: {e}", file=sys.stderr)
     return 3
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (loop.Stopped): the conventional 128 + signal
+    signum = getattr(e, "signum", signal.SIGINT)
+    saved = loop.latest(out) if out is not None and os.path.isdir(os.path.join(out, "checkpoints")) else None
+    where = (f"; {saved} holds the last saved step, and the same command resumes there" if saved else
+             "; nothing was saved")
+    print(f"pgjax finetune: stopped by {signal.Signals(signum).name}{where}", file=sys.stderr)
+    for note in getattr(e, "__notes__", ()):
+      if "could not" in note:  # a save or log that failed on the way out says why
+        print(note, file=sys.stderr)
+    return 128 + signum
   return 0
 
 

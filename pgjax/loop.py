@@ -27,11 +27,14 @@ saved step continues exactly where an uninterrupted run would be, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -50,6 +53,43 @@ if TYPE_CHECKING:  # the job's settings; fit reads them, nothing here builds one
 
 class Diverged(RuntimeError):
   """The loss or the params became NaN/Inf; the last good checkpoint was left in place."""
+
+
+class Stopped(KeyboardInterrupt):
+  """A stop signal arrived: SIGTERM (from `timeout`, Slurm, Kubernetes or a preemptible VM), SIGHUP, or during
+  `fit` Ctrl-C. A KeyboardInterrupt, so it is handled as Ctrl-C is: `fit` finishes the step in flight, logs
+  and saves it, then raises this."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"stopped by {signal.Signals(signum).name}")
+    self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=STOP_SIGNALS, *, deferred: list | None = None):
+  """Within the block, the signals raise Stopped in the main thread; the previous handlers come back after.
+  With `deferred` (a list), a first signal is only appended to it, for the caller to raise Stopped at a safe
+  point; a second one raises at once. `fit` defers: a step interrupted inside its jitted call has already
+  donated its params, so raising there would lose the state the stop is meant to save. Outside the main
+  thread (where Python cannot install handlers) it does nothing."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    if deferred is None or deferred:
+      raise Stopped(signum)
+    deferred.append(signum)
+
+  previous = {s: signal.signal(s, handler) for s in signals}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 class ResumeError(ValueError):
@@ -354,39 +394,66 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
     save_checkpoint(out_dir, step, trainable, opt_state, {**state_info, "lr": lr_schedule(step)},
                     keep=tc.keep_checkpoints)
 
-  pending = None
+  pending = last = None  # the last completed step's metrics, not yet read (the log runs one step late)
   done = saved = start  # the last step whose update `trainable` holds; the last step saved
   batches = batches_from(start)
+  requested = []  # a stop signal (SIGTERM, SIGHUP, Ctrl-C) that arrived: acted on between steps
   try:
-    for step in range(start + 1, num_steps + 1):
-      batch = next(batches)
-      t0 = time.perf_counter()
-      trainable, opt_state, metrics = train_step(trainable, frozen, batch, lr_schedule(step), opt_state)
-      done = step
-      if pending is not None:  # the previous step's metrics: done by now, so reading them costs no sync
-        report(*pending)
-      pending = (step, metrics, time.perf_counter() - t0)
-      if out_dir is not None and (step % save_every == 0 or step == num_steps):
-        report(*pending)
-        pending = None
-        save(step)
-        saved = step
-      if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
-        history.evals.append((step, eval_fn(step, trainable)))
-    if pending is not None:
-      report(*pending)
+    with stop_on_signals(STOP_SIGNALS + (signal.SIGINT,), deferred=requested):
+      for step in range(start + 1, num_steps + 1):
+        if requested:
+          raise Stopped(requested[0])
+        batch = next(batches)
+        t0 = time.perf_counter()
+        trainable, opt_state, metrics = train_step(trainable, frozen, batch, lr_schedule(step), opt_state)
+        done, last = step, (step, metrics, t0)
+        if pending is not None:  # the previous step's metrics: done by now, so reading them costs no sync
+          previous, pending = pending, None
+          report(*previous)
+        pending = (step, metrics, time.perf_counter() - t0)
+        if out_dir is not None and (step % save_every == 0 or step == num_steps):
+          previous, pending = pending, None
+          report(*previous)
+          save(step)
+          saved = step
+        if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
+          history.evals.append((step, eval_fn(step, trainable)))
+      if pending is not None:
+        previous, pending = pending, None
+        report(*previous)
+      if requested:  # during the last step: it is saved (with out_dir) and logged; the caller stops
+        raise Stopped(requested[0])
   except (Exception, KeyboardInterrupt) as e:
-    # A run stopped by an error in its data (an image that fails to decode at step 5,000), a callback or
-    # Ctrl-C keeps what it trained: the state after the last completed step is saved (checked finite, as
-    # every save), and the same command resumes there. Not after a divergence (nothing good to save), and
-    # not with several processes (a save is a collective the others are not in).
-    if out_dir is not None and done > saved and not isinstance(e, Diverged) and jax.process_count() == 1:
+    # A run stopped by an error in its data (an image that fails to decode at step 5,000), a callback,
+    # Ctrl-C or a termination signal (Stopped) keeps what it trained: the completed step's metrics still
+    # pending are logged, then the state after it is saved (checked finite, as every save), and the same
+    # command resumes there. Not after a divergence (nothing good to save), and not with several processes
+    # (a save is a collective the others are not in).
+    if isinstance(e, Diverged) or out_dir is None or jax.process_count() > 1:
+      raise
+    # Unlogged completed steps: the one pending, and the one just run if a callback stopped the run before
+    # its metrics were queued. Logging them means the log ends at the step the checkpoint holds.
+    unlogged = [pending] if pending is not None else []
+    if done > max([start, *history.steps, *(p[0] for p in unlogged)]):
+      unlogged.append((last[0], last[1], time.perf_counter() - last[2]))
+    pending = None
+    for previous in unlogged:
+      try:
+        report(*previous)
+      except Diverged as diverged:  # the completed step's loss was NaN: there is nothing good to save
+        raise diverged from e
+      except Exception as failed:
+        e.add_note(f"pgjax: step {previous[0]}'s metrics could not be logged ({type(failed).__name__}: {failed})")
+        break
+    if done > saved:
       try:
         save(done)
       except Exception as failed:
         e.add_note(f"pgjax: the state after step {done} could not be saved ({type(failed).__name__}: {failed})")
       else:
         e.add_note(f"pgjax: saved the state after step {done} to {latest(out_dir)}; the same command resumes there")
+    if isinstance(e, KeyboardInterrupt):
+      e.step, e.checkpoint = done, latest(out_dir)  # for the one line the command prints
     raise
   finally:
     close = getattr(batches, "close", None)

@@ -266,3 +266,29 @@ def test_predict_refuses_a_prompt_that_is_not_utf8(capsys):
   image = demo.questions("test")[0]["image"]
   assert cli.main(["predict", "--image", image, "--prompt", "caption \udcff"]) == 2
   assert "--prompt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_last_step_and_exits_143_in_one_line(jsonl, tmp_path):
+  """What `timeout`, Slurm and preemptible VMs send: the run saves its last completed step, logs it, prints one
+  line naming where, and exits 128 + 15 with no traceback; the same command then resumes after that step."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  out = tmp_path / "r"
+  argv = [sys.executable, "-m", "pgjax.cli", *_b(jsonl, out, "--steps", "100000", "--save-every", "0")]
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(out / "metrics.jsonl") and len(_loss_steps(out)) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  assert "Traceback" not in err and "pgjax finetune: stopped by SIGTERM;" in err
+  saved = loop.latest(out)
+  assert f"{saved} holds the last saved step" in err
+  step = loop.read_state(saved)["step"]
+  assert _loss_steps(out) == list(range(1, step + 1))  # every completed step logged once, up to the saved one
+  assert cli.main(_b(jsonl, out, "--steps", str(step + 2))) == 0
+  assert _loss_steps(out) == list(range(1, step + 3))

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -276,3 +277,46 @@ def test_a_stop_after_divergence_saves_nothing(params, tmp_path):
     _run(params, tmp_path, lr_schedule=lambda step: float("nan"))
   assert loop.latest(tmp_path) is None
 
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_saves_and_logs_the_last_completed_step(params, tmp_path, signum):
+  """SIGTERM (what `timeout`, Slurm and preemptible VMs send), SIGHUP and Ctrl-C stop the run between steps
+  (never inside a step, whose jitted call has donated the params): the step in flight finishes, its metrics go
+  into the log (which runs one step late) and the checkpoint holds that same step; the previous handler is back
+  afterwards. The same call then resumes bit for bit."""
+  full, _, hist = _run(params, tmp_path / "a")
+  logged = []
+
+  def on_step(step, metrics):
+    logged.append(step)
+    if step == 3 and not (tmp_path / "resumed").exists():
+      os.kill(os.getpid(), signum)  # the handler runs as soon as this returns, inside the callback
+
+  before = signal.getsignal(signum)
+  with pytest.raises(loop.Stopped) as stopped:
+    _run(params, tmp_path / "b", on_step=on_step)
+  assert stopped.value.signum == signum and isinstance(stopped.value, KeyboardInterrupt)
+  assert signal.getsignal(signum) is before
+  assert logged == [1, 2, 3, 4] and loop.latest(tmp_path / "b").endswith("step_000004")
+  (tmp_path / "resumed").touch()
+  resumed, _, hist_b = _run(params, tmp_path / "b", on_step=on_step)
+  assert logged == [1, 2, 3, 4, 5, 6] and hist_b.loss == hist.loss[4:]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed), jax.tree.map(np.asarray, full))
+
+
+def test_ctrl_c_during_a_step_logs_the_step_before_and_saves_it(params, tmp_path):
+  """An interrupt while step 4 is being fed abandons it: step 3, completed, is logged and saved."""
+  logged = []
+
+  def interrupted_from(step, seed=0):
+    for s, batch in enumerate(batches_from(step, seed), start=step + 1):
+      if s == 4:
+        raise KeyboardInterrupt
+      yield batch
+
+  trainable, frozen = train.split(params, train.is_trainable)
+  with pytest.raises(KeyboardInterrupt):
+    loop.fit(CFG, finetune.TrainConfig(steps=6), trainable, frozen, interrupted_from, out_dir=tmp_path,
+             on_step=lambda s, m: logged.append(s))
+  assert logged == [1, 2, 3] and loop.latest(tmp_path).endswith("step_000003")
