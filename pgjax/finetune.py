@@ -21,6 +21,7 @@ float16 (bfloat16 on hardware that has it); SGD with warmup + cosine laid out ov
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -240,112 +241,145 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
   tok = load_tokenizer(tokenizer, cfg)
   mesh = sharding.make_mesh() if mesh is None else mesh
   check_mesh(tc, mesh)
-  if out is not None:
-    out = make_out_dir(out)
-  predicate = train_lib.make_predicate(list(tc.trainable))
-  frozen_dtype = jnp.dtype(tc.frozen_dtype)
-  # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint and the data.
-  extra_state = {"checkpoint": os.path.abspath(checkpoint) if params is None else None,
-                 "train_data": data_identity(train_rows)}
-  identity = {**tc.resume_identity(), **extra_state}
-  say(f"pgjax finetune: {len(train_rows)} train / {len(val_rows)} val examples; {jax.device_count()} device(s) "
-      f"{dict(mesh.shape)}; frozen params {frozen_dtype}, trainable float32; out {out}")
-  point = None
-  if out is not None and resume:  # refused here, before the checkpoint loads
-    point = loop.resume_point(out, num_steps=tc.steps, expect=identity, resume_anyway=resume_anyway)
-    if point is not None:
-      changed = loop.changed_settings(point[1], identity)
-      if changed:
-        print("pgjax finetune: resuming with changed settings:\n  " + "\n  ".join(changed), file=sys.stderr)
-      say(f"resuming from {point[0]} (step {point[1]['step']})")
+  with contextlib.ExitStack() as stack:  # one run per folder, for the life of the run
+    if out is not None:
+      out = make_out_dir(out)
+      stack.enter_context(loop.hold(out))
+    predicate = train_lib.make_predicate(list(tc.trainable))
+    frozen_dtype = jnp.dtype(tc.frozen_dtype)
+    # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint and the data.
+    extra_state = {"checkpoint": os.path.abspath(checkpoint) if params is None else None,
+                   "train_data": data_identity(train_rows)}
+    identity = {**tc.resume_identity(), **extra_state}
+    say(f"pgjax finetune: {len(train_rows)} train / {len(val_rows)} val examples; {jax.device_count()} device(s) "
+        f"{dict(mesh.shape)}; frozen params {frozen_dtype}, trainable float32; out {out}")
+    point = None
+    if out is not None and not resume:
+      moved = loop.set_aside(out)
+      if moved:
+        say(f"moved the earlier run in {out} aside: checkpoints.old-{moved}/ and its logs as NAME.old-{moved}.EXT")
+    if out is not None and resume:  # refused here, before the checkpoint loads
+      point = loop.resume_point(out, num_steps=tc.steps, expect=identity, resume_anyway=resume_anyway)
+      if point is not None:
+        changed = loop.changed_settings(point[1], identity)
+        if changed:
+          print("pgjax finetune: resuming with changed settings:\n  " + "\n  ".join(changed), file=sys.stderr)
+        say(f"resuming from {point[0]} (step {point[1]['step']})")
 
-  t0 = time.time()
-  if params is None:
-    params = ckpt_lib.load(checkpoint, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
-                           sharding=sharding.leaf_sharding(mesh), progress=bar("load", 2**20, "MB"))
-  trainable, frozen = train_lib.split(params, predicate, frozen_dtype=frozen_dtype)
-  del params
-  n_train = sum(x.size for x in jax.tree.leaves(trainable))
-  n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
-  say(f"loaded {checkpoint or 'params'} in {time.time() - t0:.1f}s: {n_train:,} of {n_all:,} params train")
+    t0 = time.time()
+    if params is None:
+      params = ckpt_lib.load(checkpoint, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
+                             sharding=sharding.leaf_sharding(mesh), progress=bar("load", 2**20, "MB"))
+    trainable, frozen = train_lib.split(params, predicate, frozen_dtype=frozen_dtype)
+    del params
+    n_train = sum(x.size for x in jax.tree.leaves(trainable))
+    n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
+    say(f"loaded {checkpoint or 'params'} in {time.time() - t0:.1f}s: {n_train:,} of {n_all:,} params train")
 
-  val_subset = val_rows[:tc.eval_examples] if tc.eval_examples else val_rows
+    val_subset = val_rows[:tc.eval_examples] if tc.eval_examples else val_rows
 
-  def run_eval(rows, label, trainable):
-    if not rows:
-      return None
-    t = time.time()
-    res = evaluate.evaluate(train_lib.merge(trainable, frozen), cfg, tok, rows, task=tc.task,
-                            batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens,
-                            progress=bar(f"eval {label}", unit="ex"))
-    res["metrics"]["seconds"] = round(time.time() - t, 1)
-    say(f"eval {label} ({len(rows)} examples): {json.dumps({k: v for k, v in res['metrics'].items() if isinstance(v, float)})}")
-    return res
+    def run_eval(rows, label, trainable):
+      if not rows:
+        return None
+      t = time.time()
+      res = evaluate.evaluate(train_lib.merge(trainable, frozen), cfg, tok, rows, task=tc.task,
+                              batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens,
+                              progress=bar(f"eval {label}", unit="ex"))
+      res["metrics"]["seconds"] = round(time.time() - t, 1)
+      say(f"eval {label} ({len(rows)} examples): {json.dumps({k: v for k, v in res['metrics'].items() if isinstance(v, float)})}")
+      return res
 
-  # A resumed run appends to its log; a fresh one starts it anew.
-  metrics_log = open(os.path.join(out, "metrics.jsonl"), "a" if point else "w") if out is not None else None
+    # A resumed run continues its log from the resumed step (lines past it, from steps the checkpoint does not
+    # hold, are cut, so no step appears twice); a fresh one starts it anew.
+    log_path = os.path.join(out, "metrics.jsonl") if out is not None else None
+    logged_before = point is not None and cut_log(log_path, point[1]["step"])
+    metrics_log = open(log_path, "a" if point else "w") if out is not None else None
 
-  def log(record):
-    if metrics_log is not None:
-      metrics_log.write(json.dumps(record) + "\n")
-      metrics_log.flush()
+    def log(record):
+      if metrics_log is not None:
+        metrics_log.write(json.dumps(record) + "\n")
+        metrics_log.flush()
 
-  before = run_eval(val_rows, "before", trainable)
-  if before:
-    log({"step": 0, "eval": before["metrics"]})
-  steps_bar = progress.Bar(tc.steps, "train") if not quiet else None
-  eval_points = []
+    before = run_eval(val_rows, "before", trainable)
+    if before and not logged_before:  # a resumed run's log already holds the base model's evaluation
+      log({"step": 0, "eval": before["metrics"]})
+    steps_bar = progress.Bar(tc.steps, "train") if not quiet else None
+    eval_points = []
 
-  def step_done(step, m):
-    log({"step": step, **m})
-    if steps_bar is not None:
-      steps_bar.update(1, loss=f"{m['loss']:.4f}")
-    if on_step is not None:
-      on_step(step, m)
+    def step_done(step, m):
+      log({"step": step, **m})
+      if steps_bar is not None:
+        steps_bar.update(1, loss=f"{m['loss']:.4f}")
+      if on_step is not None:
+        on_step(step, m)
 
-  def eval_fn(step, current):
-    res = run_eval(val_subset, f"step {step}", current)
-    if res:
-      log({"step": step, "eval": res["metrics"]})
-      eval_points.append((step, res["metrics"].get("accuracy", res["metrics"]["exact_match"])))
+    def eval_fn(step, current):
+      res = run_eval(val_subset, f"step {step}", current)
+      if res:
+        log({"step": step, "eval": res["metrics"]})
+        eval_points.append((step, res["metrics"].get("accuracy", res["metrics"]["exact_match"])))
 
-  batches = lambda start: (sharding.shard_batch(b, mesh) for b in data.train_batches(
-      train_rows, tok, batch_size=tc.batch_size, size=cfg.vision.image_size, max_len=tc.max_len, seed=tc.seed,
-      start_step=start, truncate=tc.truncate))
-  t_train = time.time()
-  try:
-    trainable, _, history = loop.fit(cfg, tc, trainable, frozen, batches, out_dir=out, mesh=mesh, resume=resume,
-                                     resume_anyway=resume_anyway, extra_state=extra_state, on_step=step_done,
-                                     eval_fn=eval_fn if val_subset else None)
-  except BaseException:
-    if metrics_log is not None:
+    batches = lambda start: (sharding.shard_batch(b, mesh) for b in data.train_batches(
+        train_rows, tok, batch_size=tc.batch_size, size=cfg.vision.image_size, max_len=tc.max_len, seed=tc.seed,
+        start_step=start, truncate=tc.truncate))
+    t_train = time.time()
+    try:
+      trainable, _, history = loop.fit(cfg, tc, trainable, frozen, batches, out_dir=out, mesh=mesh, resume=resume,
+                                       resume_anyway=resume_anyway, extra_state=extra_state, on_step=step_done,
+                                       eval_fn=eval_fn if val_subset else None)
+    except BaseException:
+      if metrics_log is not None:
+        metrics_log.close()
+      raise
+    finally:
+      if steps_bar is not None:
+        steps_bar.close()
+    train_seconds = time.time() - t_train
+    after = run_eval(val_rows, "after", trainable)
+    if after:
+      log({"step": tc.steps, "eval": after["metrics"]})
+    params = train_lib.merge(trainable, frozen)
+    summary = {
+        **(summary_extra or {}), "checkpoint": checkpoint, "train_examples": len(train_rows),
+        "val_examples": len(val_rows), "steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr,
+        "schedule": tc.schedule, "optimizer": tc.optimizer.name, "trainable_params": n_train, "total_params": n_all,
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_step": round(train_seconds / max(len(history.steps), 1), 4),
+        "final_loss": history.loss[-1] if history.loss else None, "devices": jax.device_count(),
+        "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
+        "train_config": _jsonable(tc), "config": dataclasses.asdict(cfg),
+    }
+    if out is not None:
       metrics_log.close()
-    raise
-  finally:
-    if steps_bar is not None:
-      steps_bar.close()
-  train_seconds = time.time() - t_train
-  after = run_eval(val_rows, "after", trainable)
-  if after:
-    log({"step": tc.steps, "eval": after["metrics"]})
-  params = train_lib.merge(trainable, frozen)
-  summary = {
-      **(summary_extra or {}), "checkpoint": checkpoint, "train_examples": len(train_rows),
-      "val_examples": len(val_rows), "steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr,
-      "schedule": tc.schedule, "optimizer": tc.optimizer.name, "trainable_params": n_train, "total_params": n_all,
-      "train_seconds": round(train_seconds, 1),
-      "seconds_per_step": round(train_seconds / max(len(history.steps), 1), 4),
-      "final_loss": history.loss[-1] if history.loss else None, "devices": jax.device_count(),
-      "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
-      "train_config": _jsonable(tc), "config": dataclasses.asdict(cfg),
-  }
-  if out is not None:
-    metrics_log.close()
-    _write_outputs(out, params, trainable, summary, history, eval_points, before, after, val_rows,
-                   save_full=save_full, safetensors=safetensors, report_examples=report_examples)
-    say(f"done in {time.time() - t0:.0f}s. Outputs in {out}: summary.json, metrics.jsonl, report.html, "
-        f"checkpoints/{', final.npz' if save_full else ''}")
-  return Run(params=params, history=history, before=before, after=after, summary=summary, out=out)
+      _write_outputs(out, params, trainable, summary, history, eval_points, before, after, val_rows,
+                     save_full=save_full, safetensors=safetensors, report_examples=report_examples)
+      say(f"done in {time.time() - t0:.0f}s. Outputs in {out}: summary.json, metrics.jsonl, report.html, "
+          f"checkpoints/{', final.npz' if save_full else ''}")
+    return Run(params=params, history=history, before=before, after=after, summary=summary, out=out)
+
+
+def cut_log(path, step: int) -> bool:
+  """Cuts a metrics.jsonl back to the records of steps <= `step` (a resumed run logs the later ones again),
+  dropping a line that does not parse (a process killed mid-write). Returns whether a step-0 evaluation
+  (the base model's) is among the records kept. A missing log is left missing."""
+  try:
+    with open(path, "rb") as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    return False
+  kept, has_base = [], False
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+      kept.append(line)
+      has_base |= record["step"] == 0 and "eval" in record
+  from pgjax import files
+  with files.atomic_write(path) as f:
+    f.write(b"".join(line + b"\n" for line in kept))
+  return has_base
 
 
 def make_out_dir(out, *, name: str = "out") -> str:

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -109,13 +110,24 @@ def _ckpt_root(out_dir) -> str:
 
 
 def latest(out_dir) -> str | None:
-  """The newest complete checkpoint folder under out_dir, or None."""
+  """The newest complete checkpoint folder under out_dir, or None when there is none.
+
+  It is the one checkpoints/LATEST names. LATEST missing while step folders exist (deleted by hand, or lost
+  in a copy) is not a fresh start: the newest complete step folder (see `complete`) is taken, and a line on
+  stderr says so. A LATEST that cannot be read, or that names anything but a complete step folder of its
+  own, is refused naming it.
+  """
   root = _ckpt_root(out_dir)
+  marker = os.path.join(root, "LATEST")
   try:
-    with open(os.path.join(root, "LATEST")) as f:
-      name = f.read().strip()
+    with open(marker, "rb") as f:
+      name = f.read(256).decode("utf-8").strip()
   except FileNotFoundError:
-    return None
+    return _recover_latest(root)
+  except (IsADirectoryError, UnicodeDecodeError, OSError) as e:
+    raise checkpoint.CheckpointError(f"{marker}: cannot be read ({e.__class__.__name__}: {e}); it should hold the "
+                                     f"name of the newest step_NNNNNN folder. Write that name into it, or delete it "
+                                     f"to resume from the newest complete step folder") from None
   # The writer only ever names a step_NNNNNN folder of its own; anything else ("../..", an absolute path)
   # would lead the resume outside checkpoints/.
   if _step_of(name) is None:
@@ -124,6 +136,38 @@ def latest(out_dir) -> str | None:
   if not os.path.isfile(os.path.join(path, "state.json")):
     raise FileNotFoundError(f"{root}/LATEST names {name!r}, which is missing or incomplete")
   return path
+
+
+def complete(path) -> bool:
+  """Whether a step folder holds a whole checkpoint: a state.json of its own step, and every file it lists
+  (checkpoints before the list: trainable.npz) present with a readable npz header."""
+  try:
+    state = read_state(path)
+  except (OSError, checkpoint.CheckpointError):
+    return False
+  if state["step"] != _step_of(os.path.basename(os.path.normpath(path))):
+    return False
+  try:
+    for name in state.get("files", ["trainable.npz"]):
+      checkpoint.read_shapes(os.path.join(path, name))
+  except (OSError, ValueError):
+    return False
+  return True
+
+
+def _recover_latest(root) -> str | None:
+  steps = sorted(((s, d) for d in (os.listdir(root) if os.path.isdir(root) else ())
+                  if (s := _step_of(d)) is not None), reverse=True)
+  for _, d in steps:
+    path = os.path.join(root, d)
+    if complete(path):
+      print(f"pgjax: {root}/LATEST is missing; resuming from the newest complete checkpoint, {path}",
+            file=sys.stderr, flush=True)
+      return path
+  if steps:
+    raise checkpoint.CheckpointError(f"{root}/LATEST is missing and no step folder there is complete "
+                                     f"({', '.join(d for _, d in steps)}); move the folder aside to start over")
+  return None
 
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -135,21 +179,100 @@ def _step_of(name: str) -> int | None:
   return int(m.group(1)) if m else None
 
 
-def set_aside(out_dir) -> str | None:
-  """Moves out_dir's checkpoints/ (if it holds anything) to checkpoints.old-N/, the first free N, and
-  returns that path. A fresh run calls it so that it neither deletes nor mixes with an earlier run's
-  checkpoints. Multi-process: every process calls it; process 0 moves, the others wait."""
+RUN_LOGS = ("metrics.jsonl", "summary.json", "report.html")
+
+
+def set_aside(out_dir, logs=RUN_LOGS) -> int | None:
+  """Moves an earlier run in out_dir aside, whole and untouched: checkpoints/ (if it holds anything) to
+  checkpoints.old-N/ and each of `logs` there to NAME.old-N.EXT, with the first N free for all of them.
+  Returns N, or None when there was nothing to move. A fresh run calls it so that it neither deletes nor
+  mixes with an earlier run. Multi-process: every process calls it; process 0 moves, the others wait."""
+  out_dir = os.fspath(out_dir)
   root = _ckpt_root(out_dir)
-  moved = None
-  if jax.process_index() == 0 and os.path.isdir(root) and os.listdir(root):
+  moves = [(root, lambda n: f"{root}.old-{n}")] if os.path.isdir(root) and os.listdir(root) else []
+  for name in logs:
+    stem, ext = os.path.splitext(os.path.join(out_dir, name))
+    if os.path.exists(stem + ext):
+      moves.append((stem + ext, lambda n, stem=stem, ext=ext: f"{stem}.old-{n}{ext}"))
+  n = None
+  if jax.process_index() == 0 and moves:
     n = 1
-    while os.path.exists(f"{root}.old-{n}"):
+    while any(os.path.exists(to(n)) for _, to in moves):
       n += 1
-    moved = f"{root}.old-{n}"
-    os.replace(root, moved)
+    for path, to in moves:
+      os.replace(path, to(n))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"pgjax set aside {root}")
-  return moved
+  return n
+
+
+class FolderBusy(ValueError):
+  """Another run holds the output folder."""
+
+
+LOCK_FILE = "pgjax.lock"
+
+
+@contextlib.contextmanager
+def hold(out_dir):
+  """An exclusive lock on out_dir for the life of a run: a second run on the same folder is refused with
+  FolderBusy naming the holder (pid and host), instead of the two overwriting each other's checkpoints and log.
+
+  The lock is `flock` on out_dir/pgjax.lock, which the kernel releases when its process dies, however it
+  dies; the file holds the holder's "pid@host" while held and is emptied on a clean release. So a file still
+  naming a process when the lock is free was left by a run that was killed: it is taken over, and a line on
+  stderr says so. Local disks honour flock, and so do NFS (Linux maps it to NFS locks) and Lustre/GPFS with
+  their lock managers on; on a filesystem that ignores it (some FUSE mounts), the pid@host check still
+  refuses a second run on the same host whose first is alive, but not one on another host.
+  Multi-process: only process 0 takes it (the others are the same run).
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  import fcntl
+  import socket
+  path = os.path.join(os.fspath(out_dir), LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  me = f"{os.getpid()}@{socket.gethostname()}"
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise FolderBusy(f"{out_dir} is in use by another run ({_holder(fd) or 'a process that holds its lock'}); "
+                       f"wait for it, or give this run another --out") from None
+    holder = _holder(fd)
+    if holder and holder != me:
+      pid, _, host = holder.partition("@")
+      if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+        raise FolderBusy(f"{out_dir} is in use by another run (process {pid} on this host, which this filesystem's "
+                         f"locks do not show); wait for it, or give this run another --out")
+      print(f"pgjax: took over the lock on {out_dir} left by process {pid} on {host or 'an unknown host'}, "
+            f"which is no longer running", file=sys.stderr, flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, me.encode(), 0)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)
+  finally:
+    os.close(fd)  # closing releases the flock
+
+
+def _holder(fd) -> str:
+  try:
+    return os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+  except OSError:
+    return ""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -194,7 +317,8 @@ def _write_checkpoint(root, name, trainable, opt_state, state, keep):
   leaves = jax.tree.leaves(opt_state)
   if leaves:
     checkpoint.save(os.path.join(tmp, "opt_state.npz"), {f"{i:04d}": x for i, x in enumerate(leaves)})
-  _atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state, indent=1))
+  files = ["trainable.npz"] + (["opt_state.npz"] if leaves else [])  # what `complete` checks
+  _atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({**state, "files": files}, indent=1))
   shutil.rmtree(final, ignore_errors=True)
   os.replace(tmp, final)
   _atomic_write_text(os.path.join(root, "LATEST"), name + "\n")
@@ -366,7 +490,7 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
   identity = {**tc.resume_identity(), **_as_json(extra_state or {})}
   start = 0
   if out_dir is not None and not resume:
-    set_aside(out_dir)
+    set_aside(out_dir, logs=())  # the job (finetune) moves its own logs aside before it opens them
   elif out_dir is not None and (point := resume_point(out_dir, num_steps=num_steps, expect=identity,
                                                       resume_anyway=resume_anyway)) is not None:
     trainable, opt_state, state = load_checkpoint(point[0], trainable, opt_state)

@@ -131,6 +131,9 @@ def test_no_resume_keeps_the_checkpoint_it_writes(jsonl, tmp_path):
   assert (out / "checkpoints" / "LATEST").read_text() == "step_000001\n"
   assert sorted(os.listdir(out / "checkpoints")) == ["LATEST", "step_000001"]
   assert sorted(os.listdir(out / "checkpoints.old-1")) == ["LATEST", "step_000002", "step_000004"]
+  # The earlier run's log and summary went aside with its checkpoints, under the same number.
+  assert [json.loads(l)["step"] for l in (out / "metrics.old-1.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+  assert json.loads((out / "summary.old-1.json").read_text())["steps"] == 4 and (out / "report.old-1.html").exists()
   assert cli.main(_b(jsonl, out, "--steps", "2")) == 0  # the next run resumes the fresh run
   assert _loss_steps(out) == [1, 2]
 
@@ -292,3 +295,27 @@ def test_sigterm_saves_the_last_step_and_exits_143_in_one_line(jsonl, tmp_path):
   assert _loss_steps(out) == list(range(1, step + 1))  # every completed step logged once, up to the saved one
   assert cli.main(_b(jsonl, out, "--steps", str(step + 2))) == 0
   assert _loss_steps(out) == list(range(1, step + 3))
+
+
+def test_resume_after_a_hard_kill_logs_each_step_once(jsonl, tmp_path):
+  """kill -9 after step 3 was logged but before step 4's save: the checkpoint holds step 2, the log runs to 3 and
+  ends in half a line. The resumed run cuts the log back to step 2, so every step appears once."""
+  out = tmp_path / "r"
+  assert cli.main(_b(jsonl, out, "--steps", "4", "--save-every", "2")) == 0
+  root = out / "checkpoints"
+  shutil.rmtree(root / "step_000004")
+  (root / "LATEST").write_text("step_000002\n")
+  lines = (out / "metrics.jsonl").read_text().splitlines()
+  (out / "metrics.jsonl").write_text("\n".join(lines[:3]) + '\n{"step": 4, "lo')
+  assert cli.main(_b(jsonl, out, "--steps", "4", "--save-every", "2")) == 0
+  assert _loss_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_second_run_on_the_same_folder_is_refused(jsonl, tmp_path, capsys):
+  out = tmp_path / "r"
+  out.mkdir()
+  with loop.hold(out):  # the first run, still going
+    assert cli.main(_b(jsonl, out, "--steps", "1")) == 2
+  err = capsys.readouterr().err
+  assert f"{out} is in use by another run ({os.getpid()}@" in err
+  assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

@@ -320,3 +320,68 @@ def test_ctrl_c_during_a_step_logs_the_step_before_and_saves_it(params, tmp_path
     loop.fit(CFG, finetune.TrainConfig(steps=6), trainable, frozen, interrupted_from, out_dir=tmp_path,
              on_step=lambda s, m: logged.append(s))
   assert logged == [1, 2, 3] and loop.latest(tmp_path).endswith("step_000003")
+
+
+def test_lost_latest_resumes_from_the_newest_complete_step_and_says_so(params, tmp_path, capsys):
+  _run(params, tmp_path, num_steps=4, save_every=2)
+  root = tmp_path / "checkpoints"
+  (root / "LATEST").unlink()
+  # The newest step folder is damaged (its npz cut short): it is not complete, so step 2 is where the run goes on.
+  npz = root / "step_000004" / "trainable.npz"
+  npz.write_bytes(npz.read_bytes()[:100])
+  assert not loop.complete(root / "step_000004") and loop.complete(root / "step_000002")
+  _, _, hist = _run(params, tmp_path, num_steps=6, save_every=2)
+  assert hist.steps == [3, 4, 5, 6]
+  assert f"LATEST is missing; resuming from the newest complete checkpoint, {root / 'step_000002'}" in capsys.readouterr().err
+  # No complete folder at all: refused naming LATEST and the folders, never a silent start from step 0.
+  (root / "LATEST").unlink()
+  for d in root.iterdir():
+    (d / "state.json").unlink()
+  with pytest.raises(checkpoint.CheckpointError, match=r"LATEST is missing and no step folder there is complete"):
+    _run(params, tmp_path, num_steps=8, save_every=2)
+
+
+@pytest.mark.parametrize("damage", ["binary", "folder"])
+def test_unreadable_latest_is_named(params, tmp_path, damage):
+  _run(params, tmp_path, num_steps=2, save_every=2)
+  latest = tmp_path / "checkpoints" / "LATEST"
+  latest.unlink()
+  if damage == "binary":
+    latest.write_bytes(b"\xff\xfe step")
+  else:
+    latest.mkdir()
+  with pytest.raises(checkpoint.CheckpointError, match=f"{latest}: cannot be read"):
+    loop.latest(tmp_path)
+
+
+def test_one_run_per_folder(tmp_path, capsys):
+  import socket
+  me = f"{os.getpid()}@{socket.gethostname()}"
+  with loop.hold(tmp_path):
+    assert (tmp_path / loop.LOCK_FILE).read_text() == me
+    with pytest.raises(loop.FolderBusy, match=f"{tmp_path} is in use by another run \\({me}\\)"):
+      with loop.hold(tmp_path):
+        pass
+  assert (tmp_path / loop.LOCK_FILE).read_text() == ""  # a clean release empties it
+  # A lock file still naming a process after that process died (kill -9): taken over, and said.
+  (tmp_path / loop.LOCK_FILE).write_text("999999999@elsewhere")
+  with loop.hold(tmp_path):
+    pass
+  assert "took over the lock on" in capsys.readouterr().err
+  # A live process named on this host although the flock is free (a filesystem that ignores flock): refused.
+  (tmp_path / loop.LOCK_FILE).write_text(f"{os.getppid()}@{socket.gethostname()}")
+  with pytest.raises(loop.FolderBusy, match=f"process {os.getppid()} on this host"):
+    with loop.hold(tmp_path):
+      pass
+
+
+def test_set_aside_moves_checkpoints_and_logs_with_one_number(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "LATEST").write_text("step_000001\n")
+  (tmp_path / "metrics.jsonl").write_text("{}\n")
+  (tmp_path / "report.html").write_text("this run's")
+  (tmp_path / "report.old-1.html").write_text("an earlier run's")  # N=1 is taken for one of them
+  assert loop.set_aside(tmp_path) == 2
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints.old-2", "metrics.old-2.jsonl",
+                                                         "report.old-1.html", "report.old-2.html"]
+  assert loop.set_aside(tmp_path) is None
