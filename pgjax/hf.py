@@ -15,12 +15,10 @@ that name; `lm_head.weight` is the tied embedding table; HF hub tables carry row
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 
 import jax
@@ -29,6 +27,7 @@ import numpy as np
 
 from pgjax import checkpoint
 from pgjax import config as config_lib
+from pgjax import files, tree
 from pgjax.checkpoint import CheckpointError
 
 # ------------------------------------------------------------------------------------------ safetensors
@@ -41,32 +40,6 @@ _NAMES = {dt: name for name, dt in _DTYPES.items()}
 _MAX_HEADER = 100 << 20  # the safetensors library refuses larger headers too
 
 
-@contextlib.contextmanager
-def atomic_write(path):
-  """Yields a binary file in `path`'s directory; on success it is fsynced and renamed over `path`, on any
-  error removed, so a previous file at `path` is either untouched or wholly replaced."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, checkpoint._new_file_mode(path))
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  with contextlib.suppress(OSError):  # make the rename durable; not every platform can open a directory
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-      os.fsync(dir_fd)
-    finally:
-      os.close(dir_fd)
-
-
 def save_safetensors(path, params: Mapping, metadata: Mapping[str, str] | None = None) -> None:
   """Writes `params` (nested -> "/"-joined names, or flat {name: leaf}) as safetensors, one leaf at a time.
 
@@ -74,7 +47,7 @@ def save_safetensors(path, params: Mapping, metadata: Mapping[str, str] | None =
   are ordered by item size, then name, which keeps every tensor aligned to its item size (the header is padded
   to 8 bytes), as the safetensors library does.
   """
-  flat = checkpoint.flatten(params)
+  flat = tree.flatten(params)
   metadata = dict(metadata or {})
   if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
     raise TypeError(f"safetensors metadata must map str to str, got {metadata!r}")
@@ -93,7 +66,7 @@ def save_safetensors(path, params: Mapping, metadata: Mapping[str, str] | None =
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  with atomic_write(path) as f:
+  with files.atomic_write(path) as f:
     f.write(struct.pack("<Q", len(blob)) + blob)
     for name in order:
       arr = np.asarray(jax.device_get(flat[name]))
@@ -283,8 +256,8 @@ def to_hf(params: Mapping, cfg: config_lib.PaliGemmaConfig, *, vocab_size: int |
     zeros, e.g. 257216 as on the HF hub, where row 257152 is `<image>`; pgjax never reads those rows.
   Values may be views of one host copy of each leaf (non-contiguous); the host holds about one model's bytes.
   """
-  flat = checkpoint.flatten(params)
-  checkpoint._check("params", {k: np.shape(x) for k, x in flat.items()}, checkpoint.manifest(cfg), hint=False)
+  flat = tree.flatten(params)
+  checkpoint.check_shapes("params", {k: np.shape(x) for k, x in flat.items()}, checkpoint.manifest(cfg), hint=False)
   V = cfg.llm.vocab_size
   if vocab_size is not None and vocab_size < V:
     raise ValueError(f"vocab_size {vocab_size} is smaller than the config's {V}; rows would be lost")
@@ -329,7 +302,7 @@ def from_hf(state_dict: Mapping, cfg: config_lib.PaliGemmaConfig, *, source: str
   expected = hf_shapes(cfg)
   if _HF_HEAD not in sd:
     expected.pop(_HF_HEAD)
-  checkpoint._check(source, found, expected, what="the config's Hugging Face layout", hint=False)
+  checkpoint.check_shapes(source, found, expected, what="the config's Hugging Face layout", hint=False)
   sd = {k: _numpy(x) for k, x in sd.items()}
   table = sd[_HF_EMBED][:V]
   if _HF_HEAD in sd and not np.array_equal(sd[_HF_HEAD][:V], table):
@@ -341,7 +314,7 @@ def from_hf(state_dict: Mapping, cfg: config_lib.PaliGemmaConfig, *, source: str
       flat[key] = np.stack([inv(*(sd[n.format(i=i)] for n in names)) for i in range(layers)])
     else:
       flat[key] = np.array(inv(*(sd[n] for n in names)))
-  return checkpoint.unflatten(flat)
+  return tree.unflatten(flat)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -397,8 +370,8 @@ def export_hf(path, params: Mapping, cfg: config_lib.PaliGemmaConfig, vocab_size
   save_safetensors(path, sd, metadata={"format": "pt"})  # the metadata transformers' own files carry
   if config_json:
     cfg_dict = hf_config_dict(cfg, vocab_size=vocab_size, dtype=sd[_HF_EMBED].dtype.name)
-    with atomic_write(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")) as f:
-      f.write(json.dumps(cfg_dict, indent=2).encode())
+    files.atomic_write_text(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"),
+                            json.dumps(cfg_dict, indent=2))
   return path
 
 

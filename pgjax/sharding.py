@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pgjax import checkpoint
+from pgjax import tree
 
 # path regex (full match)                                  spec per axis of the leaf (its shape in comments)
 RULES: tuple[tuple[str, tuple], ...] = (
@@ -82,8 +82,8 @@ def spec_for(path: str, shape, mesh: Mesh, rules=RULES) -> P:
 
 def param_shardings(params, mesh: Mesh, rules=RULES):
   """A tree of NamedShardings matching `params` (arrays or ShapeDtypeStructs, nested or partial trees)."""
-  flat = checkpoint.flatten(params)
-  return checkpoint.unflatten({k: NamedSharding(mesh, spec_for(k, v.shape, mesh, rules)) for k, v in flat.items()})
+  flat = tree.flatten(params)
+  return tree.unflatten({k: NamedSharding(mesh, spec_for(k, v.shape, mesh, rules)) for k, v in flat.items()})
 
 
 def leaf_sharding(mesh: Mesh, rules=RULES):
@@ -93,7 +93,7 @@ def leaf_sharding(mesh: Mesh, rules=RULES):
 
 def check_rules(params, rules=RULES) -> None:
   """Raises if any rule matches no leaf of `params` (a rule that matches nothing is a silent typo)."""
-  keys = list(checkpoint.flatten(params))
+  keys = list(tree.flatten(params))
   unused = [pattern for pattern, _ in rules if not any(re.fullmatch(pattern, k) for k in keys)]
   if unused:
     raise ShardingError(f"sharding rules that match no leaf: {unused}")
@@ -111,7 +111,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def describe(params) -> list[tuple[str, tuple, str, str, int]]:
   """(path, shape, dtype, spec, bytes per device) for each leaf of placed params, for `pgjax inspect`."""
   rows = []
-  for k, v in sorted(checkpoint.flatten(params).items()):
+  for k, v in sorted(tree.flatten(params).items()):
     shard = v.sharding.shard_shape(v.shape) if hasattr(v, "sharding") else v.shape
     spec = str(v.sharding.spec) if isinstance(getattr(v, "sharding", None), NamedSharding) else "-"
     rows.append((k, tuple(v.shape), str(v.dtype), spec, int(np.prod(shard)) * np.dtype(v.dtype).itemsize))
