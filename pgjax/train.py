@@ -248,9 +248,5 @@ def schedule(name: str, base: float, total_steps: int, warmup_fraction: float = 
   raise ValueError(f"unknown schedule {name!r}; use constant, cosine or linear")
 
 
-def global_norm(tree) -> float:
-  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))))
-
-
 def all_finite(tree: Iterable) -> bool:
   return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
