@@ -108,13 +108,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def describe(params) -> list[tuple[str, tuple, str, str, int]]:
-  """(path, shape, dtype, spec, bytes per device) for each leaf of placed params, for `pgjax inspect`."""
+def describe(params, mesh: Mesh | None = None, rules=RULES) -> list[tuple[str, tuple, str, str, int | None, str]]:
+  """(path, shape, dtype, spec, bytes per device, problem) for each leaf, sorted by path, for `pgjax inspect`.
+
+  Without a mesh each leaf is described as it is placed (its own sharding; spec "-" when that is not a
+  NamedSharding). With a mesh, leaves need only .shape and .dtype (ShapeDtypeStructs, a checkpoint's headers)
+  and are described as `param_shardings` would place them there, the rules table applied leaf by leaf. A leaf
+  the table cannot place gets spec "-", no bytes and the ShardingError's message as its problem ("" otherwise),
+  so one bad leaf does not hide the others.
+  """
   rows = []
   for k, v in sorted(tree.flatten(params).items()):
-    shard = v.sharding.shard_shape(v.shape) if hasattr(v, "sharding") else v.shape
-    spec = str(v.sharding.spec) if isinstance(getattr(v, "sharding", None), NamedSharding) else "-"
-    rows.append((k, tuple(v.shape), str(v.dtype), spec, int(np.prod(shard)) * np.dtype(v.dtype).itemsize))
+    shape, dtype, problem = tuple(v.shape), np.dtype(v.dtype), ""
+    placed = getattr(v, "sharding", None)
+    if mesh is not None:
+      try:
+        placed = NamedSharding(mesh, spec_for(k, shape, mesh, rules))
+      except ShardingError as e:
+        placed, problem = None, str(e)
+    spec = str(placed.spec) if isinstance(placed, NamedSharding) else "-"
+    shard = shape if placed is None else placed.shard_shape(shape)
+    nbytes = None if problem else int(np.prod(shard, dtype=np.int64)) * dtype.itemsize
+    rows.append((k, shape, str(dtype), spec, nbytes, problem))
   return rows
 
 

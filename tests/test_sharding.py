@@ -84,3 +84,19 @@ def test_checkpoint_load_places_each_leaf_in_its_sharding(tmp_path):
   big = [r for r in rows if r[0] == "llm/embedder/input_embedding"][0]
   assert big[4] == 384 * 64 * 4 // 8  # per-device bytes: split 8 ways
 
+
+def test_describe_from_shapes_alone_names_each_leaf_it_cannot_place():
+  """`pgjax inspect` describes a checkpoint from its headers: the rules table applied leaf by leaf, and a leaf
+  it cannot place is reported (spec "-", no bytes, why) beside the others instead of stopping the table."""
+  mesh = sharding.make_mesh()  # 8 devices on "data"; the "model" entries of the table mean "not split"
+  leaves = {"llm/embedder/input_embedding": jax.ShapeDtypeStruct((384, 64), jnp.bfloat16),
+            "llm/final_norm/scale": jax.ShapeDtypeStruct((12,), jnp.float32),
+            "llm/new_thing/w": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+  rows = sharding.describe(leaves, mesh)
+  assert [r[0] for r in rows] == sorted(leaves)
+  # 384 rows x 64 / 8 columns x 2 bytes on each device.
+  assert rows[0] == ("llm/embedder/input_embedding", (384, 64), "bfloat16", str(P(None, "data")), 384 * 8 * 2, "")
+  (_, _, _, spec, nbytes, problem), (_, _, _, spec2, nbytes2, problem2) = rows[1:]
+  assert (spec, nbytes, spec2, nbytes2) == ("-", None, "-", None)
+  assert "llm/final_norm/scale (12,): axis of size 12 does not divide" in problem
+  assert "llm/new_thing/w (8, 8): matches 0 sharding rules" in problem2
