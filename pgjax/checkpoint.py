@@ -25,7 +25,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from pgjax import config as config_lib
-from pgjax import paligemma
+from pgjax import files, paligemma, tree
 
 # Where a file holds more than the params, the tree they sit under (big_vision's load_params), first match.
 _ROOTS = ("params/", "opt/target/")
@@ -57,40 +56,16 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used as asked: corrupt, pickled, or not matching the config."""
 
 
-# ----------------------------------------------------------------------------------------------- trees
-
-def flatten(tree: Mapping, prefix: str = "") -> dict:
-  """{"a": {"b": x}} -> {"a/b": x}. Keys already holding "/" pass through, so flat dicts are accepted."""
-  flat = {}
-  for k, v in tree.items():
-    name = f"{prefix}{k}"
-    for key, leaf in (flatten(v, name + "/").items() if isinstance(v, Mapping) else [(name, v)]):
-      if key in flat:
-        raise ValueError(f"key {key!r} occurs twice in the tree")
-      flat[key] = leaf
-  return flat
+# checkpoint.flatten / unflatten predate pgjax/tree.py; the names stay for the code that calls them here.
+flatten, unflatten = tree.flatten, tree.unflatten
 
 
-def unflatten(flat: Mapping) -> dict:
-  """{"a/b": x} -> {"a": {"b": x}}."""
-  tree = {}
-  for path, leaf in flat.items():
-    *parents, last = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"key {path!r} nests under a leaf")
-    if last in node:
-      raise ValueError(f"key {path!r} clashes with another key")
-    node[last] = leaf
-  return tree
-
+# ----------------------------------------------------------------------------------------------- shapes
 
 def manifest(cfg: config_lib.PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
   """{path: shape} of the param tree `cfg` describes, computed without allocating it."""
   shapes = jax.eval_shape(lambda key: paligemma.init(key, cfg), jax.random.key(0))
-  return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
+  return {k: tuple(v.shape) for k, v in tree.flatten(shapes).items()}
 
 
 # ------------------------------------------------------------------------------------ opening files
@@ -271,7 +246,13 @@ def iter_arrays(path):
 
 # ----------------------------------------------------------------------------------------- load/save
 
-def _check(source, found: Mapping, expected: Mapping, what: str = "the config", hint: bool = True):
+def check_shapes(source, found: Mapping, expected: Mapping, what: str = "the config", hint: bool = True) -> None:
+  """Raises one CheckpointError naming every missing, unexpected and mis-shaped key of `found` ({key: shape})
+  against `expected` ({key: shape}), so a bad file is fixed in one go rather than one key per run.
+
+  source names the file (or tree) in the message, `what` what it was checked against. With hint, a file whose
+  shapes describe a preset (or another valid config) says so: the usual cause is the wrong --config.
+  """
   missing = sorted(expected.keys() - found.keys())
   unexpected = sorted(found.keys() - expected.keys())
   mismatched = sorted(k for k in expected.keys() & found.keys() if tuple(found[k]) != tuple(expected[k]))
@@ -279,9 +260,9 @@ def _check(source, found: Mapping, expected: Mapping, what: str = "the config", 
     return
   lines = [f"{source}: does not match {what} ({len(missing)} missing, {len(unexpected)} unexpected, "
            f"{len(mismatched)} mis-shaped keys)"]
-  lines += [f"  missing key {k}: expected shape {expected[k]}" for k in missing]
-  lines += [f"  unexpected key {k}: shape {found[k]}" for k in unexpected]
-  lines += [f"  shape mismatch {k}: expected {expected[k]}, found {tuple(found[k])}" for k in mismatched]
+  lines += [f"  missing key {k}: expected shape {tuple(expected[k])}" for k in missing]
+  lines += [f"  unexpected key {k}: shape {tuple(found[k])}" for k in unexpected]
+  lines += [f"  shape mismatch {k}: expected {tuple(expected[k])}, found {tuple(found[k])}" for k in mismatched]
   if hint:
     with contextlib.suppress(CheckpointError):
       inferred = infer_config_from_shapes(found, source=source)
@@ -319,7 +300,7 @@ def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sha
   with _open_zip(path) as zf:
     members = _members(zf, path)
     if cfg is not None and check:
-      _check(path, {k: shape for k, (_, shape, _) in members.items()}, manifest(cfg))
+      check_shapes(path, {k: shape for k, (_, shape, _) in members.items()}, manifest(cfg))
     flat, done, total = {}, 0, sum(info.file_size for info, _, _ in members.values())
     for key, (info, _, file_dtype) in members.items():
       target = pick_dtype(key, file_dtype)
@@ -336,15 +317,7 @@ def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sha
       done += info.file_size
       if progress is not None:
         progress(done, total)
-  return unflatten(flat)
-
-
-def _new_file_mode(path: str) -> int:
-  with contextlib.suppress(FileNotFoundError):
-    return os.stat(path).st_mode & 0o7777  # overwriting keeps the old file's permissions
-  umask = os.umask(0)
-  os.umask(umask)
-  return 0o666 & ~umask
+  return tree.unflatten(flat)
 
 
 def save(path, params: Mapping) -> None:
@@ -354,35 +327,17 @@ def save(path, params: Mapping) -> None:
   goes to a temp file in the same directory, fsynced, then renamed over `path`; on any error the temp file is
   removed and a previous file at `path` is untouched. Leaves must be fully addressable by this process.
   """
-  path = os.fspath(path)
-  flat = flatten(params)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key in sorted(flat):
-          arr = np.asarray(jax.device_get(flat[key]))
-          if arr.dtype.hasobject:
-            raise ValueError(f"leaf {key!r} has dtype {arr.dtype}; checkpoints hold numeric arrays only")
-          big = arr.nbytes + (1 << 16) > zipfile.ZIP64_LIMIT  # zip64 sizes must be chosen before writing
-          with zf.open(key + ".npy", "w", force_zip64=big) as member:
-            np.lib.format.write_array(member, arr, allow_pickle=False)
-          del arr
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, _new_file_mode(path))
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  with contextlib.suppress(OSError):  # make the rename itself durable; not every platform can open a directory
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-      os.fsync(dir_fd)
-    finally:
-      os.close(dir_fd)
+  flat = tree.flatten(params)
+  with files.atomic_write(path) as f:
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+      for key in sorted(flat):
+        arr = np.asarray(jax.device_get(flat[key]))
+        if arr.dtype.hasobject:
+          raise ValueError(f"leaf {key!r} has dtype {arr.dtype}; checkpoints hold numeric arrays only")
+        big = arr.nbytes + (1 << 16) > zipfile.ZIP64_LIMIT  # zip64 sizes must be chosen before writing
+        with zf.open(key + ".npy", "w", force_zip64=big) as member:
+          np.lib.format.write_array(member, arr, allow_pickle=False)
+        del arr
 
 
 # ------------------------------------------------------------------------------------- infer_config
@@ -459,7 +414,7 @@ def infer_config_from_shapes(shapes: Mapping, overrides: Mapping | None = None, 
           "shapes; pass them, e.g. infer_config(path, overrides={'llm.attn_logits_softcap': 50.0, "
           "'llm.final_logits_softcap': 30.0, 'llm.query_pre_attn_scalar': None}) (None means head_dim)")
   cfg = _apply_overrides(config_lib.PaliGemmaConfig(vision=vision, llm=llm), overrides)
-  _check(source, shapes, manifest(cfg), what="the config inferred from its shapes", hint=False)  # stray keys
+  check_shapes(source, shapes, manifest(cfg), what="the config inferred from its shapes", hint=False)  # stray keys
   return cfg
 
 

@@ -209,16 +209,12 @@ def cmd_inspect(args) -> int:
   mesh = sharding.make_mesh(model=args.model_parallel)
   total = 0
   print(f"{'key':70s} {'shape':24s} {'dtype':9s} {'params':>13s} {'spec':32s} per-device")
-  for key, (shape, dtype) in sorted(shapes.items()):
+  leaves = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+  for key, shape, dtype, spec, nbytes, problem in sharding.describe(leaves, mesh):
     n = int(np.prod(shape, dtype=np.int64))
     total += n
-    try:
-      spec = sharding.spec_for(key, shape, mesh)
-      shard = jax.sharding.NamedSharding(mesh, spec).shard_shape(tuple(shape))
-      per_dev = f"{int(np.prod(shard)) * np.dtype(dtype).itemsize:,d} B"
-    except sharding.ShardingError as e:
-      spec, per_dev = "-", f"({e})"
-    print(f"{key:70s} {str(tuple(shape)):24s} {str(dtype):9s} {n:>13,d} {str(spec):32s} {per_dev}")
+    per_dev = f"({problem})" if problem else f"{nbytes:,d} B"
+    print(f"{key:70s} {str(shape):24s} {dtype:9s} {n:>13,d} {spec:32s} {per_dev}")
   print(f"{len(shapes)} leaves, {total:,d} parameters; mesh {dict(mesh.shape)} over {jax.device_count()} device(s)")
   print(f"config: {cfg}" if cfg else f"config: not inferred ({why})")
   return 0

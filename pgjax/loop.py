@@ -45,7 +45,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pgjax import checkpoint, train
+from pgjax import checkpoint, files, train, tree
 from pgjax.config import PaliGemmaConfig
 
 if TYPE_CHECKING:  # the job's settings; fit reads them, nothing here builds one
@@ -275,15 +275,6 @@ def _alive(pid: int) -> bool:
   return True
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _to_host(tree):
   """numpy leaves; a leaf with shards on other processes is gathered first (a collective: all processes call it)."""
   return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -317,11 +308,11 @@ def _write_checkpoint(root, name, trainable, opt_state, state, keep):
   leaves = jax.tree.leaves(opt_state)
   if leaves:
     checkpoint.save(os.path.join(tmp, "opt_state.npz"), {f"{i:04d}": x for i, x in enumerate(leaves)})
-  files = ["trainable.npz"] + (["opt_state.npz"] if leaves else [])  # what `complete` checks
-  _atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({**state, "files": files}, indent=1))
+  written = ["trainable.npz"] + (["opt_state.npz"] if leaves else [])  # what `complete` checks
+  files.atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({**state, "files": written}, indent=1))
   shutil.rmtree(final, ignore_errors=True)
   os.replace(tmp, final)
-  _atomic_write_text(os.path.join(root, "LATEST"), name + "\n")
+  files.atomic_write_text(os.path.join(root, "LATEST"), name + "\n")
   _prune(root, state["step"], keep)
 
 
@@ -353,17 +344,6 @@ def read_state(path) -> dict:
   return state
 
 
-def _check_shapes(file, found: dict, expected: dict, what: str) -> None:
-  """Raises one CheckpointError naming every missing, unexpected and mis-shaped key of `file` against
-  `expected` ({key: shape}), before any data is read."""
-  lines = [f"  missing key {k!r}: expected shape {tuple(expected[k])}" for k in sorted(expected.keys() - found.keys())]
-  lines += [f"  unexpected key {k!r}: shape {tuple(found[k][0])}" for k in sorted(found.keys() - expected.keys())]
-  lines += [f"  key {k!r}: expected shape {tuple(expected[k])}, found {tuple(found[k][0])}"
-            for k in sorted(expected.keys() & found.keys()) if tuple(found[k][0]) != tuple(expected[k])]
-  if lines:
-    raise checkpoint.CheckpointError(f"{file}: does not match {what}:\n" + "\n".join(lines))
-
-
 def load_checkpoint(path: str, trainable_like, opt_state_like):
   """(trainable, opt_state, state) from a checkpoint folder, placed like the given trees. Keys and shapes
   are checked against them first. Multi-process: every process reads the files (device_put of the same
@@ -371,19 +351,21 @@ def load_checkpoint(path: str, trainable_like, opt_state_like):
   state = read_state(path)
   put = lambda x, like: jax.device_put(jnp.asarray(x, like.dtype), like.sharding)
   file = os.path.join(path, "trainable.npz")
-  flat_like = checkpoint.flatten(trainable_like)
-  _check_shapes(file, checkpoint.read_shapes(file), {k: v.shape for k, v in flat_like.items()},
-                "this run's trainable params")
-  loaded = checkpoint.flatten(checkpoint.load(file))
-  trainable = checkpoint.unflatten({k: put(loaded[k], v) for k, v in flat_like.items()})
+  flat_like = tree.flatten(trainable_like)
+  # Keys and shapes from the .npy headers alone, so a mismatch is named before any data is read.
+  shapes_of = lambda npz: {k: shape for k, (shape, _) in checkpoint.read_shapes(npz).items()}
+  checkpoint.check_shapes(file, shapes_of(file), {k: v.shape for k, v in flat_like.items()},
+                          "this run's trainable params", hint=False)
+  loaded = tree.flatten(checkpoint.load(file))
+  trainable = tree.unflatten({k: put(loaded[k], v) for k, v in flat_like.items()})
   leaves, treedef = jax.tree.flatten(opt_state_like)
   if leaves:
     file = os.path.join(path, "opt_state.npz")
     if not os.path.isfile(file):
       raise checkpoint.CheckpointError(f"{file}: missing, and this run's optimizer has {len(leaves)} state arrays "
                                        f"to restore (was the checkpoint saved with another optimizer?)")
-    _check_shapes(file, checkpoint.read_shapes(file), {f"{i:04d}": np.shape(x) for i, x in enumerate(leaves)},
-                  "this run's optimizer state")
+    checkpoint.check_shapes(file, shapes_of(file), {f"{i:04d}": np.shape(x) for i, x in enumerate(leaves)},
+                            "this run's optimizer state", hint=False)
     saved = checkpoint.load(file)
     leaves = [put(saved[f"{i:04d}"], like) for i, like in enumerate(leaves)]
   return trainable, jax.tree.unflatten(treedef, leaves), state

@@ -1,4 +1,5 @@
-"""Evaluation metrics as pure functions over strings: VQAv2 accuracy, exact match, COCO caption metrics.
+"""Evaluation metrics as pure functions over strings: VQAv2 accuracy, exact match, COCO caption metrics, and
+which task (so which metric) scores a row. Detection's metric is detection.py's.
 
 VQA follows the official GT-Vision-Lab/VQA `vqaEval.py` (master since 2021), which is also what
 big_vision's PaliGemma VQAv2 evaluator computes, so published numbers reproduce. Caption metrics are
@@ -319,3 +320,24 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
     out["per_example"] = {"cider": [float(x) for x in cider_per], "bleu4": [float(x) for x in bleu_per[3]],
                           "rouge_l": [float(x) for x in rouge_per]}
   return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which metric scores a row.
+
+TASKS = ("vqa", "caption", "exact", "detect")
+
+
+def detect_task(row: dict) -> str:
+  """The task of one row from its fields, then its prefix: "answers" -> vqa (an "answer en ..." row with
+  only a suffix is scored by exact match), "references" or "caption ..." -> caption, "detect ..." ->
+  detect, anything else -> exact."""
+  prefix = row.get("prefix", "").lstrip()
+  word = prefix.split(maxsplit=1)[0] if prefix else ""
+  if row.get("answers"):
+    return "vqa"
+  if row.get("references") or word == "caption":
+    return "caption"
+  if word == "detect":
+    return "detect"
+  return "exact"

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pgjax import checkpoint
+from pgjax import tree
 
 # path regex (full match)                                  spec per axis of the leaf (its shape in comments)
 RULES: tuple[tuple[str, tuple], ...] = (
@@ -82,8 +82,8 @@ def spec_for(path: str, shape, mesh: Mesh, rules=RULES) -> P:
 
 def param_shardings(params, mesh: Mesh, rules=RULES):
   """A tree of NamedShardings matching `params` (arrays or ShapeDtypeStructs, nested or partial trees)."""
-  flat = checkpoint.flatten(params)
-  return checkpoint.unflatten({k: NamedSharding(mesh, spec_for(k, v.shape, mesh, rules)) for k, v in flat.items()})
+  flat = tree.flatten(params)
+  return tree.unflatten({k: NamedSharding(mesh, spec_for(k, v.shape, mesh, rules)) for k, v in flat.items()})
 
 
 def leaf_sharding(mesh: Mesh, rules=RULES):
@@ -93,7 +93,7 @@ def leaf_sharding(mesh: Mesh, rules=RULES):
 
 def check_rules(params, rules=RULES) -> None:
   """Raises if any rule matches no leaf of `params` (a rule that matches nothing is a silent typo)."""
-  keys = list(checkpoint.flatten(params))
+  keys = list(tree.flatten(params))
   unused = [pattern for pattern, _ in rules if not any(re.fullmatch(pattern, k) for k in keys)]
   if unused:
     raise ShardingError(f"sharding rules that match no leaf: {unused}")
@@ -108,13 +108,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def describe(params) -> list[tuple[str, tuple, str, str, int]]:
-  """(path, shape, dtype, spec, bytes per device) for each leaf of placed params, for `pgjax inspect`."""
+def describe(params, mesh: Mesh | None = None, rules=RULES) -> list[tuple[str, tuple, str, str, int | None, str]]:
+  """(path, shape, dtype, spec, bytes per device, problem) for each leaf, sorted by path, for `pgjax inspect`.
+
+  Without a mesh each leaf is described as it is placed (its own sharding; spec "-" when that is not a
+  NamedSharding). With a mesh, leaves need only .shape and .dtype (ShapeDtypeStructs, a checkpoint's headers)
+  and are described as `param_shardings` would place them there, the rules table applied leaf by leaf. A leaf
+  the table cannot place gets spec "-", no bytes and the ShardingError's message as its problem ("" otherwise),
+  so one bad leaf does not hide the others.
+  """
   rows = []
-  for k, v in sorted(checkpoint.flatten(params).items()):
-    shard = v.sharding.shard_shape(v.shape) if hasattr(v, "sharding") else v.shape
-    spec = str(v.sharding.spec) if isinstance(getattr(v, "sharding", None), NamedSharding) else "-"
-    rows.append((k, tuple(v.shape), str(v.dtype), spec, int(np.prod(shard)) * np.dtype(v.dtype).itemsize))
+  for k, v in sorted(tree.flatten(params).items()):
+    shape, dtype, problem = tuple(v.shape), np.dtype(v.dtype), ""
+    placed = getattr(v, "sharding", None)
+    if mesh is not None:
+      try:
+        placed = NamedSharding(mesh, spec_for(k, shape, mesh, rules))
+      except ShardingError as e:
+        placed, problem = None, str(e)
+    spec = str(placed.spec) if isinstance(placed, NamedSharding) else "-"
+    shard = shape if placed is None else placed.shard_shape(shape)
+    nbytes = None if problem else int(np.prod(shard, dtype=np.int64)) * dtype.itemsize
+    rows.append((k, shape, str(dtype), spec, nbytes, problem))
   return rows
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgjax import checkpoint, gemma, paligemma
+from pgjax import gemma, paligemma, tree
 from pgjax.config import PaliGemmaConfig
 
 # ------------------------------------------------------------------------------------------ what trains
@@ -47,17 +47,17 @@ def split(params, is_trainable=is_trainable, *, frozen_dtype=jnp.float16):
   leaves are fresh copies: the train step donates them, which must not delete the caller's params.
   """
   predicate = make_predicate(is_trainable)
-  flat = checkpoint.flatten(params)
+  flat = tree.flatten(params)
   trainable = {k: jnp.copy(v.astype(jnp.float32)) for k, v in flat.items() if predicate(k)}
   if not trainable:
     raise ValueError(f"the trainable predicate matches none of the {len(flat)} params (e.g. {next(iter(flat))})")
   frozen = {k: v.astype(frozen_dtype) for k, v in flat.items() if not predicate(k)}
-  return checkpoint.unflatten(trainable), checkpoint.unflatten(frozen)
+  return tree.unflatten(trainable), tree.unflatten(frozen)
 
 
 def merge(trainable, frozen):
   """One param tree from the two subtrees."""
-  return checkpoint.unflatten({**checkpoint.flatten(frozen), **checkpoint.flatten(trainable)})
+  return tree.unflatten({**tree.flatten(frozen), **tree.flatten(trainable)})
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -200,7 +200,7 @@ def train_step(trainable, frozen, batch, lr, *, cfg: PaliGemmaConfig, clip_norm:
   to override). Metrics are device arrays: read them one step late to keep the host from syncing.
   """
   if not allow_low_precision:
-    bad = [k for k, v in checkpoint.flatten(trainable).items() if v.dtype != jnp.float32]
+    bad = [k for k, v in tree.flatten(trainable).items() if v.dtype != jnp.float32]
     if bad:
       raise ValueError(f"trainable params must be float32, these are not: {bad[:5]}")
   return _sgd_step(trainable, frozen, batch, lr, cfg=cfg, clip_norm=clip_norm, accum_steps=accum_steps)
@@ -246,10 +246,6 @@ def schedule(name: str, base: float, total_steps: int, warmup_fraction: float = 
   if name == "linear":
     return linear_decay(base, total_steps, warmup)
   raise ValueError(f"unknown schedule {name!r}; use constant, cosine or linear")
-
-
-def global_norm(tree) -> float:
-  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))))
 
 
 def all_finite(tree: Iterable) -> bool:

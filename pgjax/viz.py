@@ -3,7 +3,7 @@
 Every page is one file: images are embedded as base64 data URIs and the loss curve is inline SVG, so
 a report can be mailed or opened from a bucket without its folder. All text is escaped. Images may
 be paths, uint8 arrays or float arrays in [-1, 1] (the model's input); they are shrunk to
-`max_side` pixels. A detection text (`<loc>` groups, see `evaluate.parse_detections`) is drawn on its
+`max_side` pixels. A detection text (`<loc>` groups, see `detection.parse_detections`) is drawn on its
 image, scaled to the image as shown, which is the original image scaled (the boxes are relative to
 the original image, not to the model's resized input). An image that cannot be read shows as a note
 instead of failing the whole report.
@@ -22,7 +22,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from pgjax.evaluate import detect_task, match_detections, parse_detections, vqa_accuracy
+from pgjax.detection import match_detections, parse_detections
+from pgjax.metrics import detect_task, vqa_accuracy
 
 PRED_COLOR, TARGET_COLOR = (230, 40, 200), (20, 200, 60)
 

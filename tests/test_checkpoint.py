@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgjax import checkpoint, config
+from pgjax import checkpoint, config, tree
 
 TINY = ["tiny-gemma1-mqa", "tiny-gemma1-mha", "tiny-gemma2-gqa"]
 MANIFESTS = os.path.join(os.path.dirname(__file__), os.pardir, "weights", "manifests")
@@ -26,7 +26,7 @@ def _params(name, dtype=np.float32, seed=0):
   rng = np.random.default_rng(seed)
   flat = {k: rng.standard_normal(shape, np.float32).astype(dtype)
           for k, shape in checkpoint.manifest(config.get(name)).items()}
-  return checkpoint.unflatten(flat)
+  return tree.unflatten(flat)
 
 
 def _bits(x):
@@ -35,7 +35,7 @@ def _bits(x):
 
 
 def _assert_identical(a, b):
-  fa, fb = checkpoint.flatten(a), checkpoint.flatten(b)
+  fa, fb = tree.flatten(a), tree.flatten(b)
   assert fa.keys() == fb.keys()
   for k in fa:
     assert fa[k].dtype == fb[k].dtype and fa[k].shape == fb[k].shape, k
@@ -65,14 +65,14 @@ def test_round_trip_bit_exact(tmp_path, name, dtype):
   assert isinstance(loaded["llm"]["layers"]["mlp"]["linear"], jax.Array)
   # What numpy itself sees: one member per "/"-joined key, no pickle, bf16 as raw 2-byte void.
   with np.load(path, allow_pickle=False) as npz:
-    assert sorted(npz.files) == sorted(checkpoint.flatten(params))
+    assert sorted(npz.files) == sorted(tree.flatten(params))
     expected = np.dtype("V2") if dtype == jnp.bfloat16 else np.dtype(dtype)
     assert {npz[k].dtype for k in npz.files} == {expected}
 
 
 def test_layout_matches_big_vision_np_savez(tmp_path):
   """A file written by np.savez of the flattened tree (big_vision's writer) loads, and ours matches it byte for byte."""
-  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(_params("tiny-gemma1-mqa", jnp.bfloat16)).items()}
+  flat = {k: np.asarray(v) for k, v in tree.flatten(_params("tiny-gemma1-mqa", jnp.bfloat16)).items()}
   np.savez(tmp_path / "bv.npz", **flat)
   checkpoint.save(tmp_path / "ours.npz", flat)  # a flat dict is accepted too
   _assert_identical(checkpoint.load(tmp_path / "bv.npz"), checkpoint.load(tmp_path / "ours.npz"))
@@ -86,7 +86,7 @@ def test_layout_matches_big_vision_np_savez(tmp_path):
 
 def test_params_prefix_accepted(tmp_path):
   params = _params("tiny-gemma2-gqa")
-  np.savez(tmp_path / "p.npz", **{f"params/{k}": np.asarray(v) for k, v in checkpoint.flatten(params).items()})
+  np.savez(tmp_path / "p.npz", **{f"params/{k}": np.asarray(v) for k, v in tree.flatten(params).items()})
   _assert_identical(params, checkpoint.load(tmp_path / "p.npz", config.get("tiny-gemma2-gqa")))
   assert "params/img/pos_embedding" not in checkpoint.read_shapes(tmp_path / "p.npz")
 
@@ -95,7 +95,7 @@ def test_a_whole_training_state_loads_its_params_tree(tmp_path):
   """As big_vision's load_params: a file holding params beside optimizer state and a step count (even a
   pickled member, which is never read) loads its "params" tree; an older file's "opt/target" tree likewise."""
   params = _params("tiny-gemma1-mqa")
-  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+  flat = {k: np.asarray(v) for k, v in tree.flatten(params).items()}
   np.savez(tmp_path / "state.npz", **{f"params/{k}": v for k, v in flat.items()}, step=np.int64(7),
            **{"opt/0/count": np.int32(3), "opt/1/mu/llm/final_norm/scale": flat["llm/final_norm/scale"],
               "extra": np.array([{"a": 1}], dtype=object)})
@@ -113,13 +113,13 @@ def test_dtype_fixed_and_callable(tmp_path):
     seen[path] = file_dtype
     return jnp.float32 if path.startswith("llm/layers/attn/") else jnp.float16
 
-  loaded = checkpoint.flatten(checkpoint.load(tmp_path / "c.npz", dtype=split_precision))
+  loaded = tree.flatten(checkpoint.load(tmp_path / "c.npz", dtype=split_precision))
   assert set(seen.values()) == {np.dtype(jnp.bfloat16)}
-  for k, v in checkpoint.flatten(params).items():
+  for k, v in tree.flatten(params).items():
     want = jnp.float32 if k.startswith("llm/layers/attn/") else jnp.float16
     assert loaded[k].dtype == want, k
     np.testing.assert_array_equal(np.asarray(loaded[k]), np.asarray(v).astype(want), err_msg=k)
-  as_f32 = checkpoint.flatten(checkpoint.load(tmp_path / "c.npz", dtype=np.float32))
+  as_f32 = tree.flatten(checkpoint.load(tmp_path / "c.npz", dtype=np.float32))
   assert {v.dtype for v in as_f32.values()} == {np.dtype(np.float32)}
 
 
@@ -130,7 +130,7 @@ def test_progress_reports_file_bytes_to_the_total(tmp_path):
   checkpoint.load(tmp_path / "c.npz", progress=lambda done, total: calls.append((done, total)))
   with zipfile.ZipFile(tmp_path / "c.npz") as zf:
     sizes = [i.file_size for i in zf.infolist()]
-  assert len(calls) == len(sizes) == len(checkpoint.flatten(params))  # once per leaf
+  assert len(calls) == len(sizes) == len(tree.flatten(params))  # once per leaf
   assert {t for _, t in calls} == {sum(sizes)}
   done = [d for d, _ in calls]
   assert done == sorted(done) and len(set(done)) == len(done) and done[-1] == sum(sizes)
@@ -148,7 +148,7 @@ def test_sharding_callable(tmp_path):
     spec = jax.sharding.PartitionSpec("x") if shape and shape[0] % len(devices) == 0 else jax.sharding.PartitionSpec()
     return jax.sharding.NamedSharding(mesh, spec)
 
-  loaded = checkpoint.flatten(checkpoint.load(tmp_path / "s.npz", config.get("tiny-gemma1-mqa"), sharding=shard))
+  loaded = tree.flatten(checkpoint.load(tmp_path / "s.npz", config.get("tiny-gemma1-mqa"), sharding=shard))
   assert len(calls) == len(loaded)
   for path, shape, dtype in calls:
     leaf = loaded[path]
@@ -157,7 +157,7 @@ def test_sharding_callable(tmp_path):
   if len(devices) > 1:
     assert table.sharding.spec == jax.sharding.PartitionSpec("x")
     assert {s.data.shape[0] for s in table.addressable_shards} == {384 // len(devices)}
-  _assert_identical(params, checkpoint.unflatten(loaded))
+  _assert_identical(params, tree.unflatten(loaded))
 
 
 # ---------------------------------------------------------------------------------------- bad files
@@ -198,7 +198,7 @@ def test_pickled_member_refused(tmp_path):
 def test_non_float_leaf_refused_naming_file_key_and_dtype(tmp_path, bad):
   """A weight must be float16/32/64 or bfloat16: anything else used to load and compute nonsense, or fail later
   naming no key. Refused from the header, before any data is read, whatever the entry point."""
-  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(_params("tiny-gemma1-mqa")).items()}
+  flat = {k: np.asarray(v) for k, v in tree.flatten(_params("tiny-gemma1-mqa")).items()}
   flat["llm/layers/attn/q_einsum/w"] = bad
   np.savez(tmp_path / "odd.npz", **flat)
   msg = rf"odd\.npz, key 'llm/layers/attn/q_einsum/w': dtype {re.escape(str(bad.dtype))} is not a checkpoint leaf type"
@@ -216,7 +216,7 @@ def test_float_dtypes_and_optimizer_step_counts_load(tmp_path):
   np.savez(tmp_path / "f.npz", **{"llm/a": np.array([0.5], np.float16), "llm/b": np.array([0.25], np.float32),
                                   "llm/c": np.array([2.0], np.float64),
                                   "img/d": np.array([1.5], ml_dtypes.bfloat16).view("V2")})
-  loaded = checkpoint.flatten(checkpoint.load(tmp_path / "f.npz"))
+  loaded = tree.flatten(checkpoint.load(tmp_path / "f.npz"))
   f64 = "float64" if jax.config.x64_enabled else "float32"  # jax's own narrowing, not the loader's
   assert {k: (str(v.dtype), float(v[0])) for k, v in loaded.items()} == {
       "llm/a": ("float16", 0.5), "llm/b": ("float32", 0.25), "llm/c": (f64, 2.0), "img/d": ("bfloat16", 1.5)}
@@ -230,7 +230,7 @@ def test_float_dtypes_and_optimizer_step_counts_load(tmp_path):
 
 def test_mismatch_lists_every_problem_in_one_error(tmp_path):
   cfg = config.get("tiny-gemma1-mqa")
-  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(_params("tiny-gemma1-mqa")).items()}
+  flat = {k: np.asarray(v) for k, v in tree.flatten(_params("tiny-gemma1-mqa")).items()}
   del flat["llm/final_norm/scale"], flat["img/head/bias"]
   flat["llm/layers/extra/scale"] = np.zeros((2, 64), np.float32)
   flat["img/pos_embedding"] = np.zeros((1, 64, 32), np.float32)
@@ -245,7 +245,7 @@ def test_mismatch_lists_every_problem_in_one_error(tmp_path):
                    "shape mismatch img/pos_embedding: expected (1, 16, 32), found (1, 64, 32)",
                    "shape mismatch llm/layers/mlp/linear: expected (2, 128, 64), found (2, 96, 64)"):
     assert expected in msg
-  assert len(checkpoint.flatten(checkpoint.load(tmp_path / "bad.npz", cfg, check=False))) == len(flat)
+  assert len(tree.flatten(checkpoint.load(tmp_path / "bad.npz", cfg, check=False))) == len(flat)
 
 
 def test_mismatch_names_the_preset_the_file_holds(tmp_path):
@@ -338,7 +338,7 @@ def test_atomic_save_keeps_previous_file(tmp_path):
     def __array__(self, *args, **kwargs):
       raise RuntimeError("disk full, say")
 
-  new = checkpoint.flatten(_params("tiny-gemma1-mqa", seed=2))
+  new = tree.flatten(_params("tiny-gemma1-mqa", seed=2))
   new["zzz/last"] = Exploding()  # sorted last: every other leaf is already written when it fails
   with pytest.raises(RuntimeError, match="disk full"):
     checkpoint.save(path, new)
@@ -356,17 +356,6 @@ def test_save_sets_ordinary_permissions(tmp_path):
   os.chmod(path, 0o640)
   checkpoint.save(path, {"a": np.ones(3, np.float32)})
   assert os.stat(path).st_mode & 0o777 == 0o640
-
-
-def test_flatten_unflatten():
-  tree = {"a": {"b": 1, "c": {"d": 2}}, "e": 3}
-  assert checkpoint.flatten(tree) == {"a/b": 1, "a/c/d": 2, "e": 3}
-  assert checkpoint.unflatten(checkpoint.flatten(tree)) == tree
-  assert checkpoint.flatten({"a/b": 1, "c": {"d": 2}}) == {"a/b": 1, "c/d": 2}
-  with pytest.raises(ValueError):
-    checkpoint.flatten({"a/b": 1, "a": {"b": 2}})
-  with pytest.raises(ValueError):
-    checkpoint.unflatten({"a": 1, "a/b": 2})
 
 
 # ------------------------------------------------------------------------------------- infer_config

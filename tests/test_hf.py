@@ -15,7 +15,7 @@ import pytest
 import safetensors.numpy
 
 from helpers import prefix_lm_batch, random_params
-from pgjax import checkpoint, config, hf
+from pgjax import config, hf, tree
 from pgjax.checkpoint import CheckpointError
 
 CONFIGS = ["tiny-gemma1-mqa", "tiny-gemma1-mha", "tiny-gemma2-gqa"]
@@ -34,7 +34,7 @@ def params(name, dtype=jnp.float32):
 
 
 def assert_bit_equal(a, b):
-  a, b = checkpoint.flatten(a), checkpoint.flatten(b)
+  a, b = tree.flatten(a), tree.flatten(b)
   assert a.keys() == b.keys()
   for k in a:
     x, y = np.asarray(a[k]), np.asarray(b[k])
@@ -211,10 +211,10 @@ def sample():
 
 @pytest.mark.parametrize("mmap", [True, False])
 def test_safetensors_round_trip_is_bit_exact(tmp_path, mmap):
-  tree = sample()
-  hf.save_safetensors(tmp_path / "x.safetensors", tree, metadata={"step": "3"})
+  tensors = sample()
+  hf.save_safetensors(tmp_path / "x.safetensors", tensors, metadata={"step": "3"})
   got = hf.load_safetensors(tmp_path / "x.safetensors", mmap=mmap)
-  want = {k: np.asarray(v) for k, v in checkpoint.flatten(tree).items()}
+  want = {k: np.asarray(v) for k, v in tree.flatten(tensors).items()}
   want["big_endian"] = want["big_endian"].astype("<f4")
   assert_bit_equal(got, want)
   assert hf.read_safetensors_header(tmp_path / "x.safetensors")[1] == {"step": "3"}

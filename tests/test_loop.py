@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import prefix_lm_batch, random_params
-from pgjax import checkpoint, config, finetune, loop, train
+from pgjax import checkpoint, config, finetune, loop, train, tree
 
 CFG = config.get("tiny-gemma1-mqa")
 
@@ -77,7 +77,7 @@ def test_checkpoint_is_loadable_in_the_official_layout(params, tmp_path):
   trainable, _, _ = _run(params, tmp_path, num_steps=2, save_every=2)
   path = os.path.join(loop.latest(tmp_path), "trainable.npz")
   loaded = checkpoint.load(path)
-  assert set(checkpoint.flatten(loaded)) == {k for k in checkpoint.flatten(params) if k.startswith("llm/layers/attn/")}
+  assert set(tree.flatten(loaded)) == {k for k in tree.flatten(params) if k.startswith("llm/layers/attn/")}
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, trainable))
 
 
@@ -87,8 +87,8 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(params, tmp_path, monkeyp
   before = checkpoint.load(os.path.join(good, "trainable.npz"))
   real_save = checkpoint.save
 
-  def failing_save(path, tree):
-    real_save(path, {k: v for i, (k, v) in enumerate(checkpoint.flatten(tree).items()) if i < 1})
+  def failing_save(path, params):
+    real_save(path, {k: v for i, (k, v) in enumerate(tree.flatten(params).items()) if i < 1})
     raise OSError("disk full (injected)")
 
   monkeypatch.setattr(checkpoint, "save", failing_save)
@@ -196,21 +196,21 @@ def test_damaged_state_json_is_named(params, tmp_path, text, message):
 
 
 def _reshape_one(file, key, shape):
-  flat = checkpoint.flatten(checkpoint.load(file))
+  flat = tree.flatten(checkpoint.load(file))
   flat[key] = np.zeros(shape, np.asarray(flat[key]).dtype)
-  checkpoint.save(file, checkpoint.unflatten(flat))
+  checkpoint.save(file, tree.unflatten(flat))
 
 
 def test_mis_shaped_trainable_npz_is_named(params, tmp_path):
   _run(params, tmp_path, num_steps=2, save_every=2)
   file = tmp_path / "checkpoints" / "step_000002" / "trainable.npz"
   key = "llm/layers/attn/q_einsum/w"
-  expected = checkpoint.flatten(params)[key].shape  # the run's own param, as the config builds it
+  expected = tree.flatten(params)[key].shape  # the run's own param, as the config builds it
   _reshape_one(file, key, (3, 5))
   with pytest.raises(checkpoint.CheckpointError) as e:
     _run(params, tmp_path, num_steps=4, save_every=2)
   assert str(e.value).startswith(f"{file}: does not match this run's trainable params")
-  assert f"key {key!r}: expected shape {tuple(expected)}, found (3, 5)" in str(e.value)
+  assert f"shape mismatch {key}: expected {tuple(expected)}, found (3, 5)" in str(e.value)
 
 
 def test_mis_shaped_or_missing_opt_state_is_named(params, tmp_path):
@@ -219,13 +219,13 @@ def test_mis_shaped_or_missing_opt_state_is_named(params, tmp_path):
   file = tmp_path / "checkpoints" / "step_000002" / "opt_state.npz"
   # optax's adam state is (count, mu, nu): leaf 0000 is the step count, 0001 the first moment of the first
   # trainable param in tree order (sorted keys), so it has that param's shape.
-  first = sorted(k for k in checkpoint.flatten(params) if k.startswith("llm/layers/attn/"))[0]
-  key, expected = "0001", checkpoint.flatten(params)[first].shape
+  first = sorted(k for k in tree.flatten(params) if k.startswith("llm/layers/attn/"))[0]
+  key, expected = "0001", tree.flatten(params)[first].shape
   _reshape_one(file, key, (7,))
   with pytest.raises(checkpoint.CheckpointError) as e:
     _run(params, tmp_path, num_steps=4, save_every=2, optimizer=adamw)
   assert str(e.value).startswith(f"{file}: does not match this run's optimizer state")
-  assert f"key {key!r}: expected shape {tuple(expected)}, found (7,)" in str(e.value)
+  assert f"shape mismatch {key}: expected {tuple(expected)}, found (7,)" in str(e.value)
   os.remove(file)
   with pytest.raises(checkpoint.CheckpointError, match=f"{file}: missing"):
     _run(params, tmp_path, num_steps=4, save_every=2, optimizer=adamw)

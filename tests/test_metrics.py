@@ -248,3 +248,15 @@ def test_auto_tokenizer_falls_back_loudly(monkeypatch):
   assert out["tokenizer"] == "python-fallback" and out["rouge_l"] == 1.0
   with pytest.raises(RuntimeError, match="java"):
     metrics.tokenize(["a"], "ptb")
+
+
+# --- Which task scores a row -------------------------------------------------------------------------
+
+def test_detect_task():
+  assert metrics.detect_task(dict(prefix="answer en what?", answers=["a", "b"])) == "vqa"
+  assert metrics.detect_task(dict(prefix="answer en what?", suffix="a")) == "exact"
+  assert metrics.detect_task(dict(prefix="caption en", suffix="a cat")) == "caption"
+  assert metrics.detect_task(dict(prefix="describe", references=["a cat"])) == "caption"
+  assert metrics.detect_task(dict(prefix="detect cat ; dog", suffix="<loc0001> cat")) == "detect"
+  assert metrics.detect_task(dict(prefix="ocr", suffix="STOP")) == "exact"
+  assert metrics.detect_task(dict(prefix="detection of things", suffix="x")) == "exact"

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import prefix_lm_batch, random_params
-from pgjax import checkpoint, config, paligemma, sharding, train
+from pgjax import checkpoint, config, paligemma, sharding, train, tree
 
 assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
 
@@ -20,10 +20,10 @@ def test_rules_cover_every_preset(name, model):
   shapes = jax.eval_shape(lambda: paligemma.init(jax.random.key(0), cfg))
   mesh = sharding.make_mesh(model=model)
   specs = sharding.param_shardings(shapes, mesh)
-  flat = checkpoint.flatten(specs)
-  assert len(flat) == len(checkpoint.flatten(shapes))
+  flat = tree.flatten(specs)
+  assert len(flat) == len(tree.flatten(shapes))
   # The big matrices really are split: no leaf over 1 MiB is left whole.
-  for k, v in checkpoint.flatten(shapes).items():
+  for k, v in tree.flatten(shapes).items():
     if np.prod(v.shape) * 4 > 2**20:
       assert flat[k].spec != P(*([None] * len(v.shape))), k
 
@@ -65,7 +65,7 @@ def test_sharded_step_equals_single_device_step(model):
   out, _, metrics = step(t, f, batch, 0.1, None)
   chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
-  for k, v in checkpoint.flatten(out).items():
+  for k, v in tree.flatten(out).items():
     expected = sharding.spec_for(k, v.shape, mesh)
     assert isinstance(v.sharding, NamedSharding) and v.sharding.spec == expected, k
     assert len(v.sharding.device_set) == 8
@@ -77,9 +77,26 @@ def test_checkpoint_load_places_each_leaf_in_its_sharding(tmp_path):
   checkpoint.save(tmp_path / "p.npz", params)
   mesh = sharding.make_mesh()
   loaded = checkpoint.load(tmp_path / "p.npz", cfg, sharding=sharding.leaf_sharding(mesh))
-  for k, v in checkpoint.flatten(loaded).items():
+  for k, v in tree.flatten(loaded).items():
     assert v.sharding.spec == sharding.spec_for(k, v.shape, mesh), k
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, params))
   rows = sharding.describe(loaded)
   big = [r for r in rows if r[0] == "llm/embedder/input_embedding"][0]
   assert big[4] == 384 * 64 * 4 // 8  # per-device bytes: split 8 ways
+
+
+def test_describe_from_shapes_alone_names_each_leaf_it_cannot_place():
+  """`pgjax inspect` describes a checkpoint from its headers: the rules table applied leaf by leaf, and a leaf
+  it cannot place is reported (spec "-", no bytes, why) beside the others instead of stopping the table."""
+  mesh = sharding.make_mesh()  # 8 devices on "data"; the "model" entries of the table mean "not split"
+  leaves = {"llm/embedder/input_embedding": jax.ShapeDtypeStruct((384, 64), jnp.bfloat16),
+            "llm/final_norm/scale": jax.ShapeDtypeStruct((12,), jnp.float32),
+            "llm/new_thing/w": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+  rows = sharding.describe(leaves, mesh)
+  assert [r[0] for r in rows] == sorted(leaves)
+  # 384 rows x 64 / 8 columns x 2 bytes on each device.
+  assert rows[0] == ("llm/embedder/input_embedding", (384, 64), "bfloat16", str(P(None, "data")), 384 * 8 * 2, "")
+  (_, _, _, spec, nbytes, problem), (_, _, _, spec2, nbytes2, problem2) = rows[1:]
+  assert (spec, nbytes, spec2, nbytes2) == ("-", None, "-", None)
+  assert "llm/final_norm/scale (12,): axis of size 12 does not divide" in problem
+  assert "llm/new_thing/w (8, 8): matches 0 sharding rules" in problem2

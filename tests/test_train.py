@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import jaxpr_eqns, prefix_lm_batch, random_params
-from pgjax import checkpoint, config, paligemma, train
+from pgjax import config, paligemma, train, tree
 
 LENGTHS = [(4, 6), (6, 2), (3, 9), (5, 5)]
 
@@ -23,24 +23,24 @@ def setup(request):
 def test_split_selects_attention_in_float32_and_freezes_the_rest(setup):
   cfg, params, _ = setup
   trainable, frozen = train.split(params, train.is_trainable)
-  t, f = checkpoint.flatten(trainable), checkpoint.flatten(frozen)
-  assert set(t) == {k for k in checkpoint.flatten(params) if k.startswith("llm/layers/attn/")}
-  assert not set(t) & set(f) and len(t) + len(f) == len(checkpoint.flatten(params))
+  t, f = tree.flatten(trainable), tree.flatten(frozen)
+  assert set(t) == {k for k in tree.flatten(params) if k.startswith("llm/layers/attn/")}
+  assert not set(t) & set(f) and len(t) + len(f) == len(tree.flatten(params))
   assert {v.dtype for v in t.values()} == {jnp.dtype(jnp.float32)}
   assert {v.dtype for v in f.values()} == {jnp.dtype(jnp.float16)}
   _, fb = train.split(params, train.is_trainable, frozen_dtype=jnp.bfloat16)
-  assert {v.dtype for v in checkpoint.flatten(fb).values()} == {jnp.dtype(jnp.bfloat16)}
-  merged = checkpoint.flatten(train.merge(trainable, frozen))
-  assert set(merged) == set(checkpoint.flatten(params))
+  assert {v.dtype for v in tree.flatten(fb).values()} == {jnp.dtype(jnp.bfloat16)}
+  merged = tree.flatten(train.merge(trainable, frozen))
+  assert set(merged) == set(tree.flatten(params))
 
 
 def test_predicates(setup):
   cfg, params, _ = setup
-  n_all = len(checkpoint.flatten(params))
+  n_all = len(tree.flatten(params))
   t, _ = train.split(params, [r"llm/layers/attn/.*", r"img/head/.*"])
-  assert set(checkpoint.flatten(t)) >= {"img/head/kernel", "img/head/bias"}
+  assert set(tree.flatten(t)) >= {"img/head/kernel", "img/head/bias"}
   t, f = train.split(params, [".*"])
-  assert len(checkpoint.flatten(t)) == n_all and not f
+  assert len(tree.flatten(t)) == n_all and not f
   with pytest.raises(ValueError, match="matches none"):
     train.split(params, [r"llm/layers/atn/.*"])  # a typo trains nothing: an error, not a no-op
 
@@ -201,7 +201,7 @@ def test_backward_keeps_no_per_layer_copy_of_the_weights(remat):
   batch = {"image": sds((B, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32),
            **{k: sds((B, T), jnp.int32) for k in ("text", "mask_ar", "mask_loss", "mask_input")}}
   jaxpr = train.make_train_step(cfg).trace(trainable, frozen, batch, sds((), jnp.float32), None).jaxpr.jaxpr
-  weights = {k: v.shape[1:] for k, v in checkpoint.flatten(params).items()
+  weights = {k: v.shape[1:] for k, v in tree.flatten(params).items()
              if k.startswith("llm/layers/mlp/")}
   L = cfg.llm.depth
   llm_scans = [avals for length, avals in _scan_outputs(jaxpr) if length in (L, L - 1)]

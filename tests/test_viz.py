@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -151,3 +152,10 @@ def test_16_bit_images_are_shown_as_the_model_sees_them(tmp_path):
     assert shown.shape == (4, 64, 3)
     np.testing.assert_allclose(shown[..., 0], expected, atol=1)
     assert (shown[..., 0] == shown[..., 2]).all()
+
+
+def test_imports_without_jax_or_the_model():
+  """viz draws and scores boxes from detection.py and metrics.py, so a report can be built without jax."""
+  code = "import sys, pgjax.viz; assert not {'jax', 'pgjax.evaluate'} & set(sys.modules), sorted(sys.modules)"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's pgjax
+  subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
