@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -288,10 +287,7 @@ def make_sentencepiece(texts: Iterable[str], path, vocab_size: int, *, model_typ
   if add_loc_seg:
     proto = _append_pieces(proto, LOC_PIECES + SEG_PIECES)
   path = Path(path)
-  # Write-then-rename, so a crash never leaves a half-written model behind.
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  with os.fdopen(fd, "wb") as f:
+  from pgjax import files
+  with files.atomic_write(path) as f:  # a crash never leaves a half-written model behind
     f.write(proto)
-  os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a tokenizer is meant to be shared
-  os.replace(tmp, path)
   return path

@@ -17,11 +17,11 @@ import io
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
+from pgjax import files
 from pgjax.detection import match_detections, parse_detections
 from pgjax.metrics import detect_task, vqa_accuracy
 
@@ -297,15 +297,7 @@ def report_html(summary: dict, loss_svg: str = "", before_after: dict | None = N
 def write_html(path, text: str) -> str:
   """Writes `text` to `path` atomically (temp file + rename: a reader never sees half a report)."""
   path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be shared
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with files.atomic_write(path, "w") as f:
+    f.write(text)
   return path
