@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import errno
 import glob
+import hashlib
 import io
 import math
 import os
@@ -150,6 +151,8 @@ def _errors(path, key=None):
 @contextlib.contextmanager
 def _open_zip(path):
   pieces = _pieces(os.fspath(path))
+  for piece in pieces:
+    files.regular_file(piece, "checkpoint")
   fobj = open(pieces[0], "rb") if len(pieces) == 1 else _Pieces(pieces)
   try:
     with _errors(path):
@@ -235,6 +238,18 @@ def read_shapes(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{key: (shape, dtype)} from the .npy headers alone (bf16 reported as bfloat16, "params/" stripped)."""
   with _open_zip(path) as zf:
     return {k: (shape, dt) for k, (_, shape, dt) in _members(zf, path).items()}
+
+
+def fingerprint(path) -> dict:
+  """What a checkpoint holds, by content rather than by path: its size in bytes and a SHA-256 over every
+  member's name, size and CRC-32 as the zip's directory records them (the writer's checksum of each array's
+  bytes). Only the directory is read, not the data. An identical copy elsewhere has the same fingerprint; a
+  file replaced at the same path does not. A resume compares it with the checkpoint's."""
+  h = hashlib.sha256()
+  with _open_zip(path) as zf:
+    for info in zf.infolist():
+      h.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
+  return {"bytes": sum(os.path.getsize(p) for p in _pieces(os.fspath(path))), "sha256": h.hexdigest()}
 
 
 def iter_arrays(path):

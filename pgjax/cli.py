@@ -23,7 +23,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 
 
 # ----------------------------------------------------------------------------------------- model args
@@ -147,7 +146,10 @@ def cmd_finetune(args) -> int:
 
 def cmd_eval(args) -> int:
   import jax.numpy as jnp
-  from pgjax import checkpoint, evaluate, progress, viz
+  from pgjax import checkpoint, evaluate, files, progress, viz
+  for flag, path in (("--html", args.html), ("--predictions", args.predictions)):
+    if path:
+      files.check_writable(path, flag)  # before the evaluation, not after it
   cfg, tok, ckpt = _model(args)
   rows = _rows(args.data, args.image_dir, args.skip_bad, "eval", args.validate_images)
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
@@ -168,12 +170,14 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
   import jax.numpy as jnp
-  from pgjax import checkpoint, evaluate, progress, viz
+  from pgjax import checkpoint, evaluate, files, progress, viz
   try:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates, which SentencePiece cannot take
     args.prompt.encode("utf-8")
   except UnicodeEncodeError:
     raise ValueError(f"--prompt {args.prompt.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
                      f"UTF-8 text") from None
+  if args.html:
+    files.check_writable(args.html, "--html")
   cfg, tok, ckpt = _model(args)
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
   preds = evaluate.predict(params, cfg, tok, args.image, [args.prompt] * len(args.image),
@@ -211,7 +215,7 @@ def cmd_inspect(args) -> int:
   print(f"{'key':70s} {'shape':24s} {'dtype':9s} {'params':>13s} {'spec':32s} per-device")
   leaves = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
   for key, shape, dtype, spec, nbytes, problem in sharding.describe(leaves, mesh):
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)  # Python ints: a header whose shape product overflows int64 still counts right
     total += n
     per_dev = f"({problem})" if problem else f"{nbytes:,d} B"
     print(f"{key:70s} {str(shape):24s} {dtype:9s} {n:>13,d} {spec:32s} {per_dev}")
@@ -368,8 +372,11 @@ def main(argv=None) -> int:
   host.enable_compilation_cache(host.default_cache_dir(args.compile_cache))
   try:
     return args.fn(args)
-  except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
-    print(f"pgjax {args.command}: error: {e}", file=sys.stderr)
+  except (OSError, ValueError, KeyError, ImportError) as e:
+    # OSError: a full disk, a read-only or missing folder, a folder where a file belongs: one line, the path and
+    # the errno's words (the last good checkpoint stays: every write is atomic).
+    what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
+    print(f"pgjax {args.command}: error: {what}", file=sys.stderr)
     for note in getattr(e, "__notes__", ()):  # e.g. where a stopped fine-tune saved what it had trained
       print(note, file=sys.stderr)
     return 2

@@ -109,6 +109,7 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not N:
     return []
+  batch_size = min(batch_size, N)  # a batch larger than the data would decode (and allocate for) padding alone
   max_len = prompt_len(tok, prefixes) if max_len is None else max_len
   if tok.vocab_size > cfg.llm.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {cfg.llm.vocab_size}")

@@ -10,8 +10,48 @@ after the rename so that the rename itself survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
+
+
+class NotARegularFile(ValueError):
+  """A path to read names a FIFO, a device, a socket or a directory instead of a file."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def regular_file(path, what: str = "file") -> str:
+  """`path`, checked to be a regular file (or a symlink to one) before anything opens it: opening a FIFO blocks
+  forever, a device such as /dev/zero reads without end (a checkpoint reader would grow until the kernel kills
+  it), and a folder fails deep inside with a bare IsADirectoryError. Raises NotARegularFile naming `what`, the
+  path and what it is; FileNotFoundError (with the path) when there is nothing there."""
+  path = os.fspath(path)
+  try:
+    mode = os.stat(path).st_mode  # follows symlinks: a link to a file is fine, a link to /dev/zero is not
+  except FileNotFoundError:
+    raise FileNotFoundError(errno.ENOENT, f"{what} not found", path) from None
+  if not stat.S_ISREG(mode):
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise NotARegularFile(f"{what} {path}: is {kind}, not a regular file")
+  return path
+
+
+def check_writable(path, what: str = "output") -> str:
+  """`path`, checked before the work that produces it: its folder exists and is writable, and it is not a
+  folder or a special file itself. Raises ValueError naming `what` and the path."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.exists(path) and not os.path.isfile(path):
+    raise NotARegularFile(f"{what} {path}: exists and is not a regular file")
+  if not os.path.isdir(folder):
+    raise ValueError(f"{what} {path}: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK):
+    raise ValueError(f"{what} {path}: folder {folder} is not writable")
+  return path
 
 
 def new_file_mode(path) -> int:
@@ -40,6 +80,12 @@ def atomic_write(path, mode: str = "wb"):
       os.fsync(f.fileno())
     os.chmod(tmp, new_file_mode(path))
     os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    if e.filename is None:  # a write to the open file (ENOSPC) names no path: name the one being written
+      raise OSError(e.errno, e.strerror, path) from e
+    raise
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)

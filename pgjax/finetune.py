@@ -239,6 +239,8 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
   if tokenizer is None:
     raise ValueError("finetune needs a tokenizer= (a SentencePiece model path or a Tokenizer)")
   tok = load_tokenizer(tokenizer, cfg)
+  if tc.batch_size > len(train_rows):  # every batch would repeat examples; a typo'd size would allocate for nothing
+    raise SettingError("batch_size", f"{tc.batch_size} is more than the {len(train_rows)} training examples")
   mesh = sharding.make_mesh() if mesh is None else mesh
   check_mesh(tc, mesh)
   with contextlib.ExitStack() as stack:  # one run per folder, for the life of the run
@@ -247,8 +249,9 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
       stack.enter_context(loop.hold(out))
     predicate = train_lib.make_predicate(list(tc.trainable))
     frozen_dtype = jnp.dtype(tc.frozen_dtype)
-    # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint and the data.
-    extra_state = {"checkpoint": os.path.abspath(checkpoint) if params is None else None,
+    # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint (by content: a copy
+    # elsewhere is the same base, a file replaced at the same path is not) and the data.
+    extra_state = {"base_checkpoint": ckpt_lib.fingerprint(checkpoint) if params is None else None,
                    "train_data": data_identity(train_rows)}
     identity = {**tc.resume_identity(), **extra_state}
     say(f"pgjax finetune: {len(train_rows)} train / {len(val_rows)} val examples; {jax.device_count()} device(s) "
@@ -297,8 +300,11 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
 
     def log(record):
       if metrics_log is not None:
-        metrics_log.write(json.dumps(record) + "\n")
-        metrics_log.flush()
+        try:
+          metrics_log.write(json.dumps(record) + "\n")
+          metrics_log.flush()
+        except OSError as e:  # a full disk: name the file (a write to an open file names none)
+          raise OSError(e.errno, e.strerror, log_path) from e
 
     before = run_eval(val_rows, "before", trainable)
     if before and not logged_before:  # a resumed run's log already holds the base model's evaluation

@@ -102,7 +102,7 @@ def read_safetensors_header(path) -> tuple[dict[str, tuple[tuple[int, ...], np.d
   against the file: known dtypes, sizes that match shapes, ranges contiguous from the data start to the end."""
   path = os.fspath(path)
   bad = lambda msg: CheckpointError(f"{path}: {msg}")
-  size = os.path.getsize(path)
+  size = os.path.getsize(files.regular_file(path, "safetensors file"))
   with open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:

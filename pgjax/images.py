@@ -31,6 +31,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from pgjax import files
+
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
@@ -105,9 +107,12 @@ def _decode(path_or_file, max_pixels=None, *, name=None, verify_only=False):
   name = name or _name(path_or_file)
   limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
   try:
-    f = open(path_or_file, "rb") if isinstance(path_or_file, (str, os.PathLike)) else path_or_file
+    f = (open(files.regular_file(path_or_file, "image"), "rb") if isinstance(path_or_file, (str, os.PathLike))
+         else path_or_file)
   except FileNotFoundError:
     raise FileNotFoundError(f"image not found: {name}") from None
+  except files.NotARegularFile as e:
+    raise ImageError(str(e)) from None
   try:
     with _OPEN_LOCK, warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -13,6 +13,7 @@ so its rule splits D and H, never K.
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -128,7 +129,7 @@ def describe(params, mesh: Mesh | None = None, rules=RULES) -> list[tuple[str, t
         placed, problem = None, str(e)
     spec = str(placed.spec) if isinstance(placed, NamedSharding) else "-"
     shard = shape if placed is None else placed.shard_shape(shape)
-    nbytes = None if problem else int(np.prod(shard, dtype=np.int64)) * dtype.itemsize
+    nbytes = None if problem else math.prod(shard) * dtype.itemsize  # Python ints: no int64 overflow
     rows.append((k, shape, str(dtype), spec, nbytes, problem))
   return rows
 

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from pgjax import files
 from pgjax.images import ImageError, decode_rgb, decode_workers, verify_image
 
 
@@ -63,7 +64,7 @@ def read_jsonl(path, *, image_dir=None, skip_bad: bool = False, validate_images:
     return os.path.normpath(os.path.join(base, image))
 
   try:
-    f = open(path, "rb")
+    f = open(files.regular_file(path, "JSONL"), "rb")
   except FileNotFoundError:
     raise FileNotFoundError(f"JSONL file not found: {path}") from None
   rows, bad = [], []
@@ -83,6 +84,10 @@ def read_jsonl(path, *, image_dir=None, skip_bad: bool = False, validate_images:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
           raise _BadRow(f"malformed JSON ({e})") from None
+        except RecursionError:  # JSON nested deeper than Python's parser recurses
+          raise _BadRow("JSON nested too deeply to read") from None
+        except ValueError as e:  # an integer past Python's digit limit for str -> int
+          raise _BadRow(f"unreadable JSON value ({e})") from None
         rows.append((n, _make_row(obj, source, resolve)))
       except _BadRow as e:
         bad.append((n, source, str(e)))

@@ -44,7 +44,8 @@ class Tokenizer:
   def __init__(self, path, *, add_loc_seg: bool = False):
     self.path = os.fspath(path)
     try:
-      proto = Path(self.path).read_bytes()
+      from pgjax import files
+      proto = Path(files.regular_file(self.path, "tokenizer model")).read_bytes()
     except FileNotFoundError:
       raise FileNotFoundError(f"tokenizer model not found: {self.path}") from None
     except OSError as e:

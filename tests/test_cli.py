@@ -319,3 +319,102 @@ def test_a_second_run_on_the_same_folder_is_refused(jsonl, tmp_path, capsys):
   err = capsys.readouterr().err
   assert f"{out} is in use by another run ({os.getpid()}@" in err
   assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_special_files_exit_2_naming_what_they_are(jsonl, tmp_path, capsys):
+  """A FIFO would hang the open forever, /dev/zero would be read until the kernel kills the process, a folder
+  gave a traceback: each is refused before it is opened, naming the flag's path and what it is."""
+  from pgjax import demo
+  fifo = tmp_path / "pipe"
+  os.mkfifo(fifo)
+  (tmp_path / "zero.npz").symlink_to("/dev/zero")
+  tok = os.path.join(demo.DEMO_DIR, "tokenizer.model")
+  image = demo.questions("test")[0]["image"]
+  cases = [
+      (["inspect", str(fifo)], f"{fifo}: is a FIFO"),
+      (["predict", "--checkpoint", str(tmp_path / "zero.npz"), "--tokenizer", tok, "--image", image, "--prompt", "x"],
+       f"{tmp_path / 'zero.npz'}: is a character device"),
+      (["predict", "--checkpoint", os.path.join(demo.DEMO_DIR, "demo.npz"), "--tokenizer", str(fifo), "--image", image,
+        "--prompt", "x"], f"tokenizer model {fifo}: is a FIFO"),
+      (["predict", "--image", str(fifo), "--prompt", "caption en"], f"image {fifo}: is a FIFO"),
+      (["eval", "--data", str(fifo)], f"JSONL {fifo}: is a FIFO"),
+      (["eval", "--data", str(jsonl / "good.jsonl"), "--predictions", str(tmp_path)],
+       f"--predictions {tmp_path}: exists and is not a regular file"),
+  ]
+  for argv, message in cases:
+    assert cli.main(argv) == 2, argv
+    assert message in capsys.readouterr().err, argv
+
+
+def test_a_batch_larger_than_the_data_is_refused_naming_the_flag(jsonl, tmp_path, capsys):
+  argv = _b(jsonl, tmp_path / "r", "--steps", "1")
+  argv[argv.index("--batch-size") + 1] = "24"
+  assert cli.main(argv) == 2
+  assert "--batch-size 24 is more than the 16 training examples" in capsys.readouterr().err
+
+
+def test_inspect_counts_past_int64(tmp_path, capsys):
+  """A header whose shape product overflows int64 (a damaged or hostile file) is counted in Python ints."""
+  import zipfile
+  with zipfile.ZipFile(tmp_path / "big.npz", "w") as zf:
+    with zf.open("llm/x.npy", "w") as f:
+      np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2**40, 2**40)})
+  assert cli.main(["inspect", str(tmp_path / "big.npz")]) == 0
+  assert f"{2**80:,d} parameters" in capsys.readouterr().out
+
+
+def test_resume_compares_the_base_checkpoint_by_content(jsonl, tmp_path, capsys):
+  """An identical copy of the base checkpoint elsewhere is the same base; a file replaced at the same path is not."""
+  from pgjax import demo
+  base = tmp_path / "base.npz"
+  shutil.copy(os.path.join(demo.DEMO_DIR, "demo.npz"), base)
+  out = tmp_path / "r"
+  argv = lambda ckpt, steps: [*_b(jsonl, out, "--steps", steps)[:1], "--checkpoint", str(ckpt),
+                              *_b(jsonl, out, "--steps", steps)[3:]]
+  assert cli.main(argv(base, "1")) == 0
+  moved = tmp_path / "elsewhere.npz"
+  shutil.move(base, moved)
+  assert cli.main(argv(moved, "2")) == 0  # the same content: resumed
+  assert _loss_steps(out) == [1, 2]
+  tree = checkpoint.load(moved)
+  tree["llm"]["final_norm"]["scale"] = np.asarray(tree["llm"]["final_norm"]["scale"]) + 1
+  checkpoint.save(moved, tree)
+  capsys.readouterr()
+  assert cli.main(argv(moved, "3")) == 2
+  assert "base_checkpoint.sha256" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_a_full_disk_exits_2_naming_the_file_and_keeps_the_last_checkpoint(jsonl, tmp_path, capsys):
+  """A disk that fills during the second save: one line naming the file and ENOSPC's words, exit 2; LATEST still
+  names the first checkpoint, which loads."""
+  import subprocess
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  # The demo's trainable params take 0.79 MB as npz: room for one checkpoint and the log, not for two.
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], check=True)
+  try:
+    out = disk / "r"
+    assert cli.main(_b(jsonl, out, "--steps", "4", "--save-every", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"pgjax finetune: error: {out / 'checkpoints'}" in err and "No space left on device" in err
+    assert "Traceback" not in err
+    assert loop.latest(out).endswith("step_000002")
+    checkpoint.load(os.path.join(loop.latest(out), "trainable.npz"))
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only mount needs root (CI runs as root)")
+def test_a_read_only_out_exits_2_naming_it(jsonl, tmp_path, capsys):
+  import subprocess
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], check=True)
+  try:
+    assert cli.main(_b(jsonl, ro, "--steps", "1")) == 2
+    assert f"{ro / 'pgjax.lock'}: Read-only file system" in capsys.readouterr().err
+    assert cli.main(_b(jsonl, ro / "sub", "--steps", "1")) == 2
+    assert f"--out {ro / 'sub'}: cannot make the folder (Read-only file system)" in capsys.readouterr().err
+  finally:
+    subprocess.run(["umount", str(ro)], check=True)

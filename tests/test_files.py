@@ -1,6 +1,7 @@
 """Tests for pgjax/files.py: an atomic write replaces the whole file or nothing, with ordinary permissions."""
 
 import os
+import re
 
 import pytest
 
@@ -53,3 +54,40 @@ def test_only_whole_file_modes(tmp_path):
       with files.atomic_write(tmp_path / "f", mode):
         pass
   assert os.listdir(tmp_path) == []
+
+
+def test_regular_file_names_what_a_special_file_is(tmp_path):
+  fifo = tmp_path / "pipe"
+  os.mkfifo(fifo)
+  (tmp_path / "zero.npz").symlink_to("/dev/zero")
+  (tmp_path / "real.npz").write_bytes(b"x")
+  (tmp_path / "link.npz").symlink_to(tmp_path / "real.npz")
+  assert files.regular_file(tmp_path / "link.npz") == str(tmp_path / "link.npz")  # a link to a file is a file
+  for path, kind in ((fifo, "a FIFO (named pipe)"), (tmp_path / "zero.npz", "a character device"),
+                     (tmp_path, "a directory")):
+    with pytest.raises(files.NotARegularFile, match=f"checkpoint {path}: is {re.escape(kind)}, not a regular file"):
+      files.regular_file(path, "checkpoint")
+  with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    files.regular_file(tmp_path / "missing.npz", "checkpoint")
+
+
+def test_check_writable_refuses_folders_and_missing_parents(tmp_path):
+  assert files.check_writable(tmp_path / "p.jsonl", "--predictions") == str(tmp_path / "p.jsonl")
+  with pytest.raises(files.NotARegularFile, match=f"--predictions {tmp_path}: exists and is not a regular file"):
+    files.check_writable(tmp_path, "--predictions")
+  with pytest.raises(ValueError, match="does not exist"):
+    files.check_writable(tmp_path / "no" / "p.jsonl", "--predictions")
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+  """A write to an open file that fails (ENOSPC) names no path; atomic_write names the one it was writing,
+  and the old file stays."""
+  import errno
+  (tmp_path / "f").write_bytes(b"old")
+
+  with pytest.raises(OSError) as e:
+    with files.atomic_write(tmp_path / "f") as f:
+      f.write(b"new")
+      raise OSError(errno.ENOSPC, "No space left on device")
+  assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "f")
+  assert (tmp_path / "f").read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["f"]

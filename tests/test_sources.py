@@ -165,3 +165,17 @@ def test_byte_order_mark_and_empty_file(folder):
   (folder / "empty.jsonl").write_bytes(b"\n")
   with pytest.warns(UserWarning, match="no rows"):
     assert read_jsonl(folder / "empty.jsonl") == []
+
+
+def test_json_too_deep_or_numbers_too_long_are_bad_rows_at_their_line(folder):
+  good = json.dumps(dict(image="images/1.png", prefix="caption en", suffix="x"))
+  deep = '{"image": "images/1.png", "prefix": "caption en", "suffix": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}"
+  long = '{"image": "images/1.png", "prefix": "caption en", "suffix": "x", "n": ' + "9" * 5000 + "}"
+  (folder / "odd.jsonl").write_text("\n".join([good, deep, long]) + "\n")
+  rows = read_jsonl(folder / "odd.jsonl", skip_bad=True)
+  assert len(rows) == 1
+  assert rows.skipped == [(f"{folder / 'odd.jsonl'}:2", "JSON nested too deeply to read"),
+                          (f"{folder / 'odd.jsonl'}:3", rows.skipped[1][1])]
+  assert rows.skipped[1][1].startswith("unreadable JSON value (Exceeds the limit")
+  with pytest.raises(ValueError, match=r"odd\.jsonl:2: JSON nested too deeply"):
+    read_jsonl(folder / "odd.jsonl")
