@@ -219,6 +219,9 @@ def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path, key: str) -> np.ndar
     version = np.lib.format.read_magic(fp)
     shape, fortran, dtype = _READ_HEADER[version](fp)
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > info.file_size:  # checked before the allocation: a damaged header must not ask for terabytes
+      raise CheckpointError(f"{path}, key {key!r}: its header's shape {shape} needs {nbytes:,d} bytes, but the "
+                            f"member holds {info.file_size:,d}")
     raw = np.empty(nbytes + 64, np.uint8)
     offset = (-raw.ctypes.data) % 64
     buf = memoryview(raw[offset:offset + nbytes])

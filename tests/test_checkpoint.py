@@ -441,3 +441,13 @@ def test_iter_arrays_streams(tmp_path):
   finally:
     tracemalloc.stop()
   assert n == 31 and largest <= peak < largest + 8 * 2**20, peak / 2**20
+
+
+def test_a_header_asking_for_more_than_the_member_holds_is_refused_before_allocating(tmp_path):
+  import zipfile
+  with zipfile.ZipFile(tmp_path / "big.npz", "w") as zf:
+    with zf.open("llm/x.npy", "w") as f:
+      np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2**20, 2**20)})
+      f.write(b"\0" * 16)
+  with pytest.raises(checkpoint.CheckpointError, match=r"llm/x'.*needs 4,398,046,511,104 bytes, but the member holds"):
+    checkpoint.load(tmp_path / "big.npz")
