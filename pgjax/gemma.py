@@ -117,7 +117,7 @@ CHECKPOINT_OPS = LayerOps(_qkv, _attn_out, _mlp)
 # ------------------------------------------------------------------------------------------ the block
 
 
-def rope_qkv(q_BTNH, k_BTKH, v_BTKH, q_positions_BT, positions_BT, *, cfg: GemmaConfig, kv_dtype=None):
+def _rope_qkv(q_BTNH, k_BTKH, v_BTKH, q_positions_BT, positions_BT, *, cfg: GemmaConfig, kv_dtype=None):
   """RoPE on queries and keys, the query scale, and the keys and values cast to `kv_dtype` (None: kept):
   what a KV cache of that dtype would hold; the prompt's own attention sees the same."""
   dt = q_BTNH.dtype
@@ -128,7 +128,7 @@ def rope_qkv(q_BTNH, k_BTKH, v_BTKH, q_positions_BT, positions_BT, *, cfg: Gemma
   return q_BTNH, k_BTKH, v_BTKH
 
 
-def residual_block(x_BTD, p: dict, attend, mlp, *, cfg: GemmaConfig, select=None):
+def _residual_block(x_BTD, p: dict, attend, mlp, *, cfg: GemmaConfig, select=None):
   """The pre-norm block around `attend(h_BTD) -> (out_BTD, extra)` and `mlp(h_BTD, p["mlp"]) -> BTD`.
 
   With `select` (a map [B, T, ...] -> [B, T', ...] of query positions), `attend` answers only the
@@ -156,14 +156,14 @@ def make_block(positions_BT, mask_BTS, *, cfg: GemmaConfig, ops: LayerOps = CHEC
     def attend(h_BTD):
       q_positions_BT = positions_BT if select is None else select(positions_BT)
       q_BTNH, k_BTKH, v_BTKH = ops.qkv(h_BTD, p["attn"], select)
-      q_BTNH, k_BTKH, v_BTKH = rope_qkv(q_BTNH, k_BTKH, v_BTKH, q_positions_BT, positions_BT, cfg=cfg,
-                                        kv_dtype=kv_dtype)
+      q_BTNH, k_BTKH, v_BTKH = _rope_qkv(q_BTNH, k_BTKH, v_BTKH, q_positions_BT, positions_BT, cfg=cfg,
+                                         kv_dtype=kv_dtype)
       q_mask_BTS = mask_BTS if select is None else select(mask_BTS)
       enc_BTNH, probs = layers.attention(q_BTNH, k_BTKH, v_BTKH, q_mask_BTS, cap=cfg.attn_logits_softcap)
       enc_BTNH = enc_BTNH.astype(x_BTD.dtype)
       ys = ((k_BTKH, v_BTKH) if return_kv else None, probs if return_attn else None)
       return ops.attn_out(enc_BTNH, p["attn"]), ys
-    return residual_block(x_BTD, p, attend, ops.mlp, cfg=cfg, select=select)
+    return _residual_block(x_BTD, p, attend, ops.mlp, cfg=cfg, select=select)
   return block
 
 
@@ -176,8 +176,8 @@ def make_cached_block(positions_BT, valid_BS, *, cfg: GemmaConfig, ops: LayerOps
   def block(x_BTD, p, k_BSKH, v_BSKH):
     def attend(h_BTD):
       q_BTNH, k_BTKH, v_BTKH = ops.qkv(h_BTD, p["attn"], None)
-      q_BTNH, k_BTKH, v_BTKH = rope_qkv(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, cfg=cfg,
-                                        kv_dtype=k_BSKH.dtype)
+      q_BTNH, k_BTKH, v_BTKH = _rope_qkv(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, cfg=cfg,
+                                         kv_dtype=k_BSKH.dtype)
       cap = cfg.attn_logits_softcap
       old_BKTGS = layers.attention_logits(q_BTNH, k_BSKH, cap=cap)
       old_BKTGS = jnp.where(valid_BS[:, None, None, None, :], old_BKTGS, layers.MASK_VALUE)
@@ -188,7 +188,7 @@ def make_cached_block(positions_BT, valid_BS, *, cfg: GemmaConfig, ops: LayerOps
       enc_BTNH = (layers.attention_combine(probs[..., :S], v_BSKH).astype(x_BTD.dtype)
                   + layers.attention_combine(probs[..., S:], v_BTKH).astype(x_BTD.dtype))
       return ops.attn_out(enc_BTNH, p["attn"]), (k_BTKH, v_BTKH)
-    return residual_block(x_BTD, p, attend, ops.mlp, cfg=cfg)
+    return _residual_block(x_BTD, p, attend, ops.mlp, cfg=cfg)
   return block
 
 
