@@ -1,20 +1,21 @@
 """KV-cached greedy decoding: `prefill` + `decode_step`, and `greedy` running both in one jitted loop.
 
+Axes: see pgjax/__init__.py.
+
 Follows big_vision's `gemma_bv.prefill_cache` / `extend_cache` semantics without its roll to right
 alignment: prompts are right-padded ([bos] prefix "\\n" then padding, `mask_input` 0 on padding) and
 each row keeps its own positions, `cumsum(mask_input) - 1` over [image; prompt], so valid tokens are
 numbered contiguously from 0 and generated token t of a row sits at position len(row) + t.
 
 Cache (a plain dict, donated by `decode_step`):
-  k, v   [L, B, S, K, H]  keys (after RoPE) and values; slots 0..N-1 hold the prompt, later slots
+  k, v   [L, B, S, K, H]  keys (after RoPE) and values; the first slots hold [image; prompt], later slots
                           the generated tokens, written at the same slot for the whole batch
   valid  [B, S] bool      which slots a new token may attend (padding and unwritten slots are False)
   pos    [B] int32        position of the next token of each row
   idx    [] int32         the next slot to write
 
 Every entry point takes an optional `decode_view` (`make_view(params, cfg=cfg)`, made once per set of
-params): the LLM's weights laid out for the token loop to read in place. On CPU it makes decoding
-several times faster, at the price of a second copy of the LLM's weights.
+params): a copy of the LLM's weights laid out for the token loop (why: pgjax/decode_view.py).
 """
 
 from __future__ import annotations
@@ -24,44 +25,50 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pgjax import gemma, paligemma
+from pgjax import decode_view, gemma, paligemma
 from pgjax.config import PaliGemmaConfig
 
 
-def _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, decode_view=None, *, cfg: PaliGemmaConfig,
+def _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, view=None, *, cfg: PaliGemmaConfig,
              cache_size: int, cache_dtype):
-  x_BND, _ = paligemma.embed_image_and_text(params, image_BHWC, prompt_BT, cfg=cfg)
-  B, N, _ = x_BND.shape
+  # T is [image; prompt]; the prompt's own arrays (prompt_BT, mask_*_BT) cover its last T - P positions.
+  x_BTD, _ = paligemma.embed_image_and_text(params, image_BYXC, prompt_BT, cfg=cfg)
+  B, T, _ = x_BTD.shape
   if mask_ar_BT is None:
     mask_ar_BT = jnp.zeros(prompt_BT.shape, jnp.int32)
-  mask_ar_BN, mask_input_BN = paligemma.full_masks(mask_ar_BT, mask_input_BT, N - prompt_BT.shape[1])
-  mask_BNN = paligemma.make_attn_mask(mask_input_BN, mask_ar_BN)
-  positions_BN = jnp.cumsum(mask_input_BN, axis=1) - 1
+  full_mask_ar_BT, full_mask_input_BT = paligemma.full_masks(mask_ar_BT, mask_input_BT, T - prompt_BT.shape[1])
+  mask_BTS = paligemma.make_attn_mask(full_mask_input_BT, full_mask_ar_BT)
+  positions_BT = jnp.cumsum(full_mask_input_BT, axis=1) - 1
   # The next token is predicted at the last valid prompt position: logits there alone, and with the
   # view, the last layer's attention output and MLP too.
-  last_B = N - 1 - jnp.argmax(mask_input_BN[:, ::-1], axis=1)
-  pre_logits_BND, aux = gemma.forward(params["llm"], x_BND, positions_BN, mask_BNN, cfg=cfg.llm,
-                                      kv_dtype=cache_dtype, return_kv=True, decode_view=decode_view,
-                                      out_index_B=None if decode_view is None else last_B)
-  if decode_view is None:
-    pre_logits_BND = pre_logits_BND[jnp.arange(B), last_B][:, None]
-  logits_BV = gemma.logits(params["llm"], pre_logits_BND, cfg=cfg.llm, decode_view=decode_view)[:, 0]
-  pad = ((0, 0), (0, 0), (0, cache_size - N), (0, 0), (0, 0))
-  k_LBNKH, v_LBNKH = aux["kv"]
+  last_B = T - 1 - jnp.argmax(full_mask_input_BT[:, ::-1], axis=1)
+  if view is None:
+    pre_logits_BTD, aux = gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTS, cfg=cfg.llm,
+                                        kv_dtype=cache_dtype, return_kv=True)
+    pre_logits_B1D = pre_logits_BTD[jnp.arange(B), last_B][:, None]
+    logits_BV = gemma.logits(params["llm"], pre_logits_B1D, cfg=cfg.llm)[:, 0]
+  else:
+    pre_logits_B1D, aux = decode_view.forward(params["llm"], view, x_BTD, positions_BT, mask_BTS, last_B,
+                                              cfg=cfg.llm, kv_dtype=cache_dtype)
+    logits_BV = decode_view.logits(view, pre_logits_B1D, cfg=cfg.llm)[:, 0]
+  pad = ((0, 0), (0, 0), (0, cache_size - T), (0, 0), (0, 0))
+  k_LBSKH, v_LBSKH = aux["kv"]  # the prompt's keys and values: the cache's first T slots
   cache = {
-      "k": jnp.pad(k_LBNKH, pad), "v": jnp.pad(v_LBNKH, pad),
-      "valid": jnp.pad(mask_input_BN, ((0, 0), (0, cache_size - N))),
-      "pos": jnp.sum(mask_input_BN, axis=1, dtype=jnp.int32),
-      "idx": jnp.asarray(N, jnp.int32),
+      "k": jnp.pad(k_LBSKH, pad), "v": jnp.pad(v_LBSKH, pad),
+      "valid": jnp.pad(full_mask_input_BT, ((0, 0), (0, cache_size - T))),
+      "pos": jnp.sum(full_mask_input_BT, axis=1, dtype=jnp.int32),
+      "idx": jnp.asarray(T, jnp.int32),
   }
   return logits_BV, cache
 
 
-def _decode_step(params, tokens_B, cache, decode_view=None, *, cfg: PaliGemmaConfig):
+def _decode_step(params, tokens_B, cache, view=None, *, cfg: PaliGemmaConfig):
   x_B1D = gemma.embed(params["llm"], tokens_B[:, None], cfg=cfg.llm)
-  pre_logits_B1D, (k_LB1KH, v_LB1KH) = gemma.forward_cached(
-      params["llm"], x_B1D, cache["pos"][:, None], cache["k"], cache["v"], cache["valid"], cfg=cfg.llm,
-      decode_view=decode_view)
+  args = (x_B1D, cache["pos"][:, None], cache["k"], cache["v"], cache["valid"])
+  if view is None:
+    pre_logits_B1D, (k_LB1KH, v_LB1KH) = gemma.forward_cached(params["llm"], *args, cfg=cfg.llm)
+  else:
+    pre_logits_B1D, (k_LB1KH, v_LB1KH) = decode_view.forward_cached(params["llm"], view, *args, cfg=cfg.llm)
   idx = cache["idx"]
   B = tokens_B.shape[0]
   cache = {
@@ -71,11 +78,15 @@ def _decode_step(params, tokens_B, cache, decode_view=None, *, cfg: PaliGemmaCon
       "pos": cache["pos"] + 1,
       "idx": idx + 1,
   }
-  return gemma.logits(params["llm"], pre_logits_B1D, cfg=cfg.llm, decode_view=decode_view)[:, 0], cache
+  if view is None:
+    logits_B1V = gemma.logits(params["llm"], pre_logits_B1D, cfg=cfg.llm)
+  else:
+    logits_B1V = decode_view.logits(view, pre_logits_B1D, cfg=cfg.llm)
+  return logits_B1V[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_size", "cache_dtype"))
-def prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT=None, decode_view=None, *,
+def prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT=None, decode_view=None, *,
             cfg: PaliGemmaConfig, cache_size: int, cache_dtype=jnp.float32):
   """Runs [image; prompt] once and fills the cache. Returns (logits_BV of the next token, cache).
 
@@ -83,10 +94,10 @@ def prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT=None, decod
   `mask_ar_BT` defaults to zeros: the whole prompt is one bidirectional block with the image.
   `decode_view`: see `make_view`.
   """
-  N = cfg.num_image_tokens + prompt_BT.shape[1]
-  if cache_size < N:
-    raise ValueError(f"cache_size {cache_size} is smaller than the {N} image and prompt tokens")
-  return _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, decode_view, cfg=cfg,
+  T = cfg.num_image_tokens + prompt_BT.shape[1]
+  if cache_size < T:
+    raise ValueError(f"cache_size {cache_size} is smaller than the {T} image and prompt tokens")
+  return _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, decode_view, cfg=cfg,
                   cache_size=cache_size, cache_dtype=jnp.dtype(cache_dtype))
 
 
@@ -102,30 +113,27 @@ def decode_step(params, tokens_B, cache, decode_view=None, *, cfg: PaliGemmaConf
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
 def _make_view(llm_params, *, cfg, dtype):
-  return gemma.make_decode_view(llm_params, cfg=cfg, dtype=dtype)
+  return decode_view.make_decode_view(llm_params, cfg=cfg, dtype=dtype)
 
 
 def make_view(params, *, cfg: PaliGemmaConfig, dtype=jnp.float32) -> dict:
-  """A copy of the LLM's weights laid out for decoding (`gemma.make_decode_view`). Make it once per set of
-  params and pass it as `decode_view=` to `greedy`, `prefill` or `decode_step`.
+  """A copy of the LLM's weights laid out for decoding (`decode_view.make_decode_view`, which says why).
+  Make it once per set of params and pass it as `decode_view=` to `greedy`, `prefill` or `decode_step`.
 
-  Why: under the scan over stacked layers, XLA:CPU copies every layer's weights out of the stacked
-  leaves, and into the layout its dot wants, for every decoded token; at one token per row the copies
-  cost more than the matmuls (bench-small: several times slower per token). The view's matrices are
-  read in place. The price is memory: the LLM's weights (layers and output head) a second time, in
-  `dtype` (float32, what the dots compute in, so the loop casts nothing), for as long as the view
-  lives. Without it (`decode_view=None`, the default) nothing extra is held.
+  It holds the LLM's weights (layers and output head) a second time, in `dtype` (float32, what the dots
+  compute in, so the loop casts nothing), for as long as it lives. Without it (`decode_view=None`, the
+  default) nothing extra is held.
   """
   return _make_view(params["llm"], cfg=cfg.llm, dtype=jnp.dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "cache_dtype", "return_logits"))
-def _greedy(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, decode_view, *, cfg, max_new_tokens,
+def _greedy(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, view, *, cfg, max_new_tokens,
             eos_id, cache_dtype, return_logits):
   B, M = prompt_BT.shape[0], max_new_tokens
-  N = cfg.num_image_tokens + prompt_BT.shape[1]
-  logits_BV, cache = _prefill(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, decode_view, cfg=cfg,
-                              cache_size=N + M - 1, cache_dtype=cache_dtype)
+  T = cfg.num_image_tokens + prompt_BT.shape[1]
+  logits_BV, cache = _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, view, cfg=cfg,
+                              cache_size=T + M - 1, cache_dtype=cache_dtype)
   V = logits_BV.shape[-1]
   is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
 
@@ -145,7 +153,7 @@ def _greedy(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, d
 
   def body(state):
     t, tok_B, tokens_BM, logits_BMV, done_B, cache = state
-    logits_BV, cache = _decode_step(params, tok_B, cache, decode_view, cfg=cfg)
+    logits_BV, cache = _decode_step(params, tok_B, cache, view, cfg=cfg)
     tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return (t + 1, tok_B, *record(t, tok_B, logits_BV, tokens_BM, logits_BMV, done_B), cache)
 
@@ -160,7 +168,7 @@ def _greedy(params, image_BHWC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, d
   return tokens_BM, logits_BMV, info
 
 
-def greedy(params, image_BHWC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, max_new_tokens: int,
+def greedy(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, max_new_tokens: int,
            eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=jnp.float32,
            return_logits: bool = True, return_info: bool = False, decode_view: dict | None = None):
   """Greedy decoding of up to `max_new_tokens` per row, in one jitted `while_loop`.
@@ -172,14 +180,14 @@ def greedy(params, image_BHWC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemm
   padding (False); they never delay the early stop and come back as zeros. cache_dtype bfloat16
   halves the cache; float32 (default) matches a teacher-forced forward to float32 precision.
   `decode_view` (`make_view(params, cfg=cfg)`, made once): prefill and the token loop read the LLM's
-  weights from it instead of slicing the stacked params (much faster on CPU; a second copy of them).
+  weights from it instead of the stacked params (see `make_view`).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
   if valid_B is None:
     valid_B = jnp.ones(prompt_BT.shape[:1], bool)
-  tokens, logits, info = _greedy(params, image_BHWC, prompt_BT, jnp.asarray(prompt_mask_input_BT, bool),
+  tokens, logits, info = _greedy(params, image_BYXC, prompt_BT, jnp.asarray(prompt_mask_input_BT, bool),
                                  None if prompt_mask_ar_BT is None else jnp.asarray(prompt_mask_ar_BT, jnp.int32),
                                  jnp.asarray(valid_B, bool), decode_view, cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id,
                                  cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits)

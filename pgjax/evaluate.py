@@ -71,11 +71,10 @@ def prompt_len(tok, prefixes) -> int:
 
 
 def view_fits(params, *, headroom: float = 2.0) -> bool:
-  """Whether `predict` decodes over `decode.make_view` when not told. On CPU always: it makes decoding
-  several times faster there. On an accelerator when every local device has `headroom` times the view's
-  size free: the view is a second, float32 copy of the LLM's weights (it halves a 3B's decode time on
-  an H100, but its ~10 GB do not fit beside a 3B on a 16 GB T4). A device that reports no memory
-  statistics gets no view."""
+  """Whether `predict` decodes over `decode.make_view` (why it is faster: pgjax/decode_view.py) when not
+  told. On CPU always. On an accelerator when every local device has `headroom` times the view's size free:
+  the view is a second, float32 copy of the LLM's weights, which a small GPU may not hold beside the model
+  (bench/README.md has the sizes and speed-ups). A device that reports no memory statistics gets no view."""
   if jax.default_backend() == "cpu":
     return True
   view_bytes = 4 * sum(x.size for x in jax.tree.leaves(params["llm"]))

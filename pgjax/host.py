@@ -4,13 +4,13 @@ compile options for the train step.
 Nothing here imports jax at module level, so a program can call `tune_allocator()` first thing.
 
 Why the allocator: XLA:CPU allocates an executable's temporaries afresh on every call and frees them after
-(bench-small's train step: 570 MB). glibc serves blocks over its mmap threshold with fresh `mmap`s and
-returns them with `munmap`, so every step faults every page of them in again, 4 KiB at a time: 165,000
-page faults and 0.32 s of kernel time per 0.93 s step on a 2-core CPU. Hugepages for those blocks (glibc's
-`hugetlb=1`: it madvises them, used where THP is "madvise" or "always"), and keeping blocks under 32 MiB on the
-heap rather than unmapping them, leave under 1,000 faults a step and the step at 0.78 s (as measured when
-this was added; bench/README.md has the latest). glibc reads its
-tunables only when a process starts, so `tune_allocator` re-executes the program once with them set.
+(hundreds of MB for bench-small's train step). glibc serves blocks over its mmap threshold with fresh `mmap`s
+and returns them with `munmap`, so every step faults every page of them in again, 4 KiB at a time, a large
+share of a step's time spent in the kernel on a small CPU. Hugepages for those blocks (glibc's `hugetlb=1`:
+it madvises them, used where THP is "madvise" or "always"), and keeping blocks under 32 MiB on the heap
+rather than unmapping them, remove nearly all of those faults (the figures: bench/README.md, "Why the code
+is laid out as it is"). glibc reads its tunables only when a process starts, so `tune_allocator`
+re-executes the program once with them set.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def tune_allocator() -> None:
   os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
-# XLA:CPU's legacy fusion emitters compile bench-small's train step in 1.5 s against 2.6 s for the default
-# (MLIR) ones, with the same step time and the same numbers (measured; bench/README.md).
+# XLA:CPU's legacy fusion emitters compile the train step in well under the time of the default (MLIR) ones,
+# with the same step time and the same numbers (measured: bench/README.md, "Why the code is laid out as it is").
 _CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
@@ -90,7 +90,7 @@ def default_cache_dir(value: str | None = None) -> str | None:
 
 def enable_compilation_cache(path: str | None, *, min_compile_time_s: float = 0.5) -> str | None:
   """Points JAX's persistent compilation cache at `path` (None: leaves it off), so a second run of the same
-  program loads its executables instead of compiling them (bench-small's train step: 1.5 s -> 0.08 s).
+  program loads its executables instead of compiling them (bench/README.md has the figures).
   Executables that compiled faster than `min_compile_time_s` are not stored. Returns the path used."""
   if not path:
     return None

@@ -1,9 +1,6 @@
-"""Pure ops shared by both towers.
+"""Pure ops shared by both towers, and the scan over stacked layers.
 
-Axis legend (one meaning per letter, used in names and einsums across pgjax):
-  B batch, T query positions, S key/value positions, N query heads, K kv heads, G = N/K query heads per
-  kv head, H head dim, D width, F MLP hidden, V vocab, L layers, P image patches; E several of these
-  flattened into one (the rows or columns of a `gemma.make_decode_view` matrix, e.g. (N + 2K) H).
+Axes: see pgjax/__init__.py.
 """
 
 from __future__ import annotations
@@ -88,8 +85,9 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, cap: float = 0.0):
 # Ops whose outputs the backward recomputes rather than keeps even without remat: in a block they make a
 # layer's weights ready for its matmuls (its slice of the stacked leaves, the float32 cast of float16
 # weights, a gate/up split, a reshape), and kept they would be per-layer copies of every weight, stacked
-# by the scan for the backward: at 3B-224 batch 1, 7 GiB of the step's 19.5. Recomputed, the backward reads
-# the stacked leaves it has anyway. On activations the same ops are cheap copies (and usually free views).
+# by the scan for the backward: a large share of a 3B step's memory (bench/README.md, "Why the code is laid
+# out as it is"). Recomputed, the backward reads the stacked leaves it has anyway. On activations the same
+# ops are cheap copies (and usually free views).
 _RECOMPUTED_VIEWS = frozenset({jax.lax.convert_element_type_p, jax.lax.dynamic_slice_p, jax.lax.slice_p,
                                jax.lax.squeeze_p, jax.lax.reshape_p, jax.lax.transpose_p,
                                jax.lax.broadcast_in_dim_p})
@@ -144,16 +142,3 @@ def scan_layers(block_fn, x, layers, *, remat: str = "none", last_kwargs: dict |
   x, y = last_block(x, (layers, xs), jnp.asarray(L - 1))
   return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), ys, y)
 
-
-def unrolled_layers(block_fn, x, layer_list, *, last_kwargs: dict | None = None, **xs):
-  """`scan_layers` over a Python list of per-layer params (`gemma.make_decode_view`), unrolled: each layer
-  reads its own arrays, so nothing is sliced out of a stacked leaf. `xs` stay stacked [L, ...].
-  `last_kwargs`: further keyword arguments for the last layer's block alone."""
-  ys = []
-  for l, layer in enumerate(layer_list):
-    extra = {k: v[l] for k, v in xs.items()}
-    if last_kwargs and l == len(layer_list) - 1:
-      extra.update(last_kwargs)
-    x, y = block_fn(x, layer, **extra)
-    ys.append(y)
-  return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)

@@ -9,6 +9,9 @@ so each device holds 1/n of the weights, and batches are split along the batch a
 Every leaf must match exactly one rule and every split axis must divide, else `ShardingError` names the
 leaf: nothing is silently replicated. PaliGemma 1's kv_einsum has a single kv head (1, 2048, 256),
 so its rule splits D and H, never K.
+
+Axes (the leaves' shapes in the table's comments): see pgjax/__init__.py; D is each tower's own width (E the
+LLM's, where SigLIP's head projects into it), p, q a patch's pixel rows and columns.
 """
 
 from __future__ import annotations
@@ -37,16 +40,16 @@ RULES: tuple[tuple[str, tuple], ...] = (
     (r"img/.*/MultiHeadDotProductAttention_0/(query|key|value)/bias", (None, "model", None)),  # L N H (small)
     (r"img/.*/MultiHeadDotProductAttention_0/out/kernel", (None, "model", None, "data")),    # L N H D
     (r"img/.*/MultiHeadDotProductAttention_0/out/bias", (None, "data")),       # L D
-    (r"img/head/kernel", ("data", "model")),                                    # Dv D
-    (r"img/head/bias", ("data",)),                                              # D
+    (r"img/head/kernel", ("data", "model")),                                    # D E
+    (r"img/head/bias", ("data",)),                                              # E
     (r"llm/embedder/input_embedding", ("model", "data")),                      # V D
     (r"llm/final_norm/scale", ("data",)),                                      # D
     (r"llm/layers/(pre|post)_(attention|ffw)_norm/scale", (None, "data")),     # L D
     (r"llm/layers/attn/q_einsum/w", (None, "model", "data", None)),            # L N D H
-    (r"llm/layers/attn/kv_einsum/w", (None, None, None, "data", "model")),     # L 2 K D H (K may be 1)
-    (r"llm/layers/attn/qkv_einsum/w", (None, None, "model", "data", None)),    # L 3 N D H
+    (r"llm/layers/attn/kv_einsum/w", (None, None, None, "data", "model")),     # L J K D H (J = 2; K may be 1)
+    (r"llm/layers/attn/qkv_einsum/w", (None, None, "model", "data", None)),    # L J N D H (J = 3)
     (r"llm/layers/attn/attn_vec_einsum/w", (None, "model", None, "data")),     # L N H D
-    (r"llm/layers/mlp/gating_einsum", (None, None, "data", "model")),          # L 2 D F
+    (r"llm/layers/mlp/gating_einsum", (None, None, "data", "model")),          # L J D F (J = 2)
     (r"llm/layers/mlp/linear", (None, "model", "data")),                       # L F D
 )
 

@@ -1,9 +1,9 @@
 """SigLIP image encoder over params["img"], keyed as big_vision's `models/vit.py` with scan=True.
 
-Axis legend as in layers.py; here P = image patches, N = heads, H = head dim, F = MLP hidden,
-p/q = pixel rows/cols inside a patch, C = colour channels, E = the LLM width (the head's output).
+Axes: see pgjax/__init__.py (D is SigLIP's width here, E the LLM's). Also, in the patch embedding alone:
+y, x the patch grid's rows and columns and p, q the pixel rows and columns inside a patch (Y = y p, X = x q).
 
-  image [B, h*p, w*q, C] in [-1, 1] -> patches (conv 14x14 stride 14 as an einsum) + pos_embedding
+  image [B, Y, X, C] in [-1, 1] -> patches (conv 14x14 stride 14 as an einsum) + pos_embedding
   -> depth x pre-LN block (MHA with biases, GELU MLP) -> encoder_norm -> head (Dense to the LLM width).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from pgjax import layers
 from pgjax.config import SigLIPConfig
@@ -64,18 +65,18 @@ def _block(x_BPD, p, *, cfg: SigLIPConfig, return_attn: bool):
   return x_BPD, (probs if return_attn else None)
 
 
-def forward(params: dict, image_BHWC, *, cfg: SigLIPConfig, remat: str = "none", return_attn: bool = False):
+def forward(params: dict, image_BYXC, *, cfg: SigLIPConfig, remat: str = "none", return_attn: bool = False):
   """Encodes images to LLM-width tokens. Returns (zimg_BPE, aux) with aux["pre_logits"] before the head."""
   dt = jnp.dtype(cfg.dtype_mm)
-  B, Hpx, Wpx, C = image_BHWC.shape
+  _, Y, X, C = image_BYXC.shape
   p = cfg.patch_size
-  if (Hpx, Wpx) != (cfg.image_size, cfg.image_size) or C != 3:
-    raise ValueError(f"expected images of shape (B, {cfg.image_size}, {cfg.image_size}, 3), got {image_BHWC.shape}")
-  # A VALID conv with stride == kernel size is a matmul over non-overlapping patches (row-major h, w order).
-  patches = image_BHWC.astype(dt).reshape(B, Hpx // p, p, Wpx // p, p, C)
+  if (Y, X) != (cfg.image_size, cfg.image_size) or C != 3:
+    raise ValueError(f"expected images of shape (B, {cfg.image_size}, {cfg.image_size}, 3), got {image_BYXC.shape}")
+  # A VALID conv with stride == kernel size is a matmul over non-overlapping patches (row-major y, x order).
+  patches_BypxqC = rearrange(image_BYXC.astype(dt), "B (y p) (x q) C -> B y p x q C", p=p, q=p)
   emb = params["embedding"]
-  x_BhwD = jnp.einsum("BhpwqC,pqCD->BhwD", patches, emb["kernel"].astype(dt)) + emb["bias"].astype(dt)
-  x_BPD = x_BhwD.reshape(B, -1, cfg.width) + params["pos_embedding"].astype(dt)
+  x_ByxD = jnp.einsum("BypxqC,pqCD->ByxD", patches_BypxqC, emb["kernel"].astype(dt)) + emb["bias"].astype(dt)
+  x_BPD = rearrange(x_ByxD, "B y x D -> B (y x) D") + params["pos_embedding"].astype(dt)
 
   enc = params["Transformer"]
   x_BPD, probs = layers.scan_layers(
@@ -85,5 +86,5 @@ def forward(params: dict, image_BHWC, *, cfg: SigLIPConfig, remat: str = "none",
   zimg_BPE = jnp.einsum("BPD,DE->BPE", pre_logits_BPD, head["kernel"].astype(dt)) + head["bias"].astype(dt)
   aux = {"pre_logits": pre_logits_BPD}
   if return_attn:
-    aux["attn"] = probs  # (L, B, N, 1, P, P): the K axis holds all N heads, G is 1
+    aux["attn"] = probs  # (L, B, N, 1, P, P): layers.attention's K axis holds all N heads, G is 1
   return zimg_BPE, aux

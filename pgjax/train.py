@@ -2,7 +2,7 @@
 
 The seed recipe (big_vision's PaliGemma notebook): only the LLM's attention layers train, in float32,
 with plain SGD; everything else stays frozen in float16 (bfloat16 by option). Gradients are taken with
-respect to the trainable subtree only; frozen leaves never get one. Axis legend as in layers.py.
+respect to the trainable subtree only; frozen leaves never get one. Axes: see pgjax/__init__.py.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def make_train_step(cfg: PaliGemmaConfig, *, optimizer: Optimizer = Optimizer(),
   """
   from pgjax import host
   step = functools.partial(_step, cfg=cfg, optimizer=optimizer, clip_norm=clip_norm, accum_steps=accum_steps)
-  options = host.compiler_options()  # on CPU: the emitters that compile the step in ~60% of the time
+  options = host.compiler_options()  # on CPU: the emitters that compile the step faster (bench/README.md)
   if mesh is None:
     return jax.jit(step, donate_argnums=(0, 4), compiler_options=options)
   from pgjax import sharding

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import prefix_lm_batch, random_params
-from pgjax import config, decode, gemma, paligemma
+from pgjax import config, decode, decode_view, gemma, paligemma
 
 # Prompts of different lengths in one right-padded batch.
 PROMPTS = [(5, 0), (2, 0), (7, 0)]
@@ -154,16 +154,16 @@ def test_decode_view_holds_the_checkpoint_weights(view_setup):
   np.testing.assert_array_equal(np.asarray(view["head_DV"]), np.asarray(params["llm"]["embedder"]["input_embedding"]).T)
   assert len(view["layers"]) == c.depth
   for l, p in enumerate(view["layers"]):
-    assert p["attn"]["qkv_DE"].shape == (D, (N + 2 * K) * H) and p["mlp"]["gating_DE"].shape == (D, 2 * F)
-    q_DNH = np.asarray(p["attn"]["qkv_DE"][:, :N * H]).reshape(D, N, H)
-    v_DKH = np.asarray(p["attn"]["qkv_DE"][:, (N + K) * H:]).reshape(D, K, H)
+    assert p["attn"]["qkv_DZ"].shape == (D, (N + 2 * K) * H) and p["mlp"]["gating_DZ"].shape == (D, 2 * F)
+    q_DNH = np.asarray(p["attn"]["qkv_DZ"][:, :N * H]).reshape(D, N, H)
+    v_DKH = np.asarray(p["attn"]["qkv_DZ"][:, (N + K) * H:]).reshape(D, K, H)
     if "qkv_einsum" in lp["attn"]:
       q_NDH, v_KDH = lp["attn"]["qkv_einsum"]["w"][l, 0], lp["attn"]["qkv_einsum"]["w"][l, 2]
     else:
       q_NDH, v_KDH = lp["attn"]["q_einsum"]["w"][l], lp["attn"]["kv_einsum"]["w"][l, 1]
     np.testing.assert_array_equal(q_DNH, np.asarray(q_NDH).transpose(1, 0, 2))
     np.testing.assert_array_equal(v_DKH, np.asarray(v_KDH).transpose(1, 0, 2))
-    np.testing.assert_array_equal(np.asarray(p["mlp"]["gating_DE"][:, F:]), np.asarray(lp["mlp"]["gating_einsum"][l, 1]))
+    np.testing.assert_array_equal(np.asarray(p["mlp"]["gating_DZ"][:, F:]), np.asarray(lp["mlp"]["gating_einsum"][l, 1]))
     np.testing.assert_array_equal(np.asarray(p["pre_ffw_norm"]["scale"]), np.asarray(lp["pre_ffw_norm"]["scale"][l]))
 
 
@@ -223,12 +223,12 @@ def test_forward_out_index_equals_the_full_forward_there(view_setup):
   mask_BTT = jnp.broadcast_to(jnp.tri(T, dtype=bool), (B, T, T))
   index_B = jnp.array([8, 0, 4])
   full, aux = gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, return_kv=True)
-  out, out_aux = gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, return_kv=True,
-                               decode_view=view, out_index_B=index_B)
+  out, out_aux = decode_view.forward(params["llm"], view, x_BTD, positions_BT,
+                                     mask_BTT, index_B, cfg=cfg.llm)
   assert out.shape == (B, 1, D)
   chex.assert_trees_all_close(out[:, 0], full[jnp.arange(B), index_B], rtol=VIEW_RTOL, atol=VIEW_ATOL)
   chex.assert_trees_all_close(out_aux["kv"], aux["kv"], rtol=VIEW_RTOL, atol=VIEW_ATOL)
-  with pytest.raises(ValueError, match="out_index_B needs decode_view"):
+  with pytest.raises(TypeError, match="out_index_B"):  # the scan path runs every layer alike
     gemma.forward(params["llm"], x_BTD, positions_BT, mask_BTT, cfg=cfg.llm, out_index_B=index_B)
 
 
@@ -246,7 +246,7 @@ def test_decode_view_decode_step_reads_weights_in_place():
   # Shapes only (nothing is allocated): the bench-small decode step, compiled with and without the view.
   cfg = config.get("bench-small")
   params = jax.eval_shape(functools.partial(paligemma.init, cfg=cfg), jax.random.key(0))
-  view = jax.eval_shape(functools.partial(gemma.make_decode_view, cfg=cfg.llm), params["llm"])
+  view = jax.eval_shape(functools.partial(decode_view.make_decode_view, cfg=cfg.llm), params["llm"])
   s = cfg.vision.image_size
   _, cache = jax.eval_shape(functools.partial(decode.prefill, cfg=cfg, cache_size=cfg.num_image_tokens + 48),
                             params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
