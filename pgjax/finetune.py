@@ -296,7 +296,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
     # hold, are cut, so no step appears twice); a fresh one starts it anew.
     log_path = os.path.join(out, "metrics.jsonl") if out is not None else None
     logged_before = point is not None and cut_log(log_path, point[1]["step"])
-    metrics_log = open(log_path, "a" if point else "w") if out is not None else None
+    metrics_log = stack.enter_context(open(log_path, "a" if point else "w")) if out is not None else None
 
     def log(record):
       if metrics_log is not None:
@@ -333,10 +333,6 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
       trainable, _, history = loop.fit(cfg, tc, trainable, frozen, batches, out_dir=out, mesh=mesh, resume=resume,
                                        resume_anyway=resume_anyway, extra_state=extra_state, on_step=step_done,
                                        eval_fn=eval_fn if val_subset else None)
-    except BaseException:
-      if metrics_log is not None:
-        metrics_log.close()
-      raise
     finally:
       if steps_bar is not None:
         steps_bar.close()
@@ -356,7 +352,6 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
         "train_config": _jsonable(tc), "config": dataclasses.asdict(cfg),
     }
     if out is not None:
-      metrics_log.close()
       _write_outputs(out, params, trainable, summary, history, eval_points, before, after, val_rows,
                      save_full=save_full, safetensors=safetensors, report_examples=report_examples)
       say(f"done in {time.time() - t0:.0f}s. Outputs in {out}: summary.json, metrics.jsonl, report.html, "
