@@ -1,7 +1,8 @@
 """Shared test fixtures: random params with every leaf non-trivial, and small prefix-LM batches."""
 
+import os
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pgjax import paligemma
@@ -77,3 +78,55 @@ def jaxpr_eqns(jaxpr, *, scan_lengths: bool = True):
         if hasattr(inner, "eqns"):
           yield from ((e, times * t) for e, t in jaxpr_eqns(inner, scan_lengths=scan_lengths))
 
+
+
+# float32's machine epsilon, 2**-23: the spacing of float32 numbers in [1, 2).
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _leaves_by_path(tree):
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+
+
+def assert_close_f32(actual, expected, *, ulps_of_max: float, what: str = "", floor: float = 0.0,
+                     scale: float | None = None):
+  """Per leaf of two trees of the same structure: |actual - expected| <= ulps_of_max * EPS32 * max|expected|
+  + floor, elementwise; with `scale`, that magnitude instead of each leaf's max|expected|.
+
+  Why the leaf's largest magnitude and not each element's: two float32 computations of the same math that
+  sum in different orders (another CPU's vector width, another fusion, another batch blocking) differ by a
+  few roundings of the partial sums, and those are as large as the terms summed, which the leaf's largest
+  values bound, whatever the size of the element that comes out (a small gradient element is a sum of
+  large terms that cancel). A bound per element (rtol) is then too tight on small elements, and a fixed
+  atol too tight or too loose depending on the leaf's scale. `ulps_of_max` is stated by each caller with
+  its reason; `floor` is for leaves whose expected values may all be zero, `scale` for trees whose small
+  leaves come from cancellation among terms as large as the other leaves' values. Leaves that are not floating
+  point compare exactly. The message names the leaf, the worst element's index, both values, the bound
+  and the error in units of EPS32 * max|expected|.
+  """
+  a_leaves, e_leaves = _leaves_by_path(actual), _leaves_by_path(expected)
+  assert a_leaves.keys() == e_leaves.keys(), (what, sorted(a_leaves), sorted(e_leaves))
+  for path, e in e_leaves.items():
+    a, e = np.asarray(a_leaves[path]), np.asarray(e)
+    name = f"{what}{path}" or "the value"
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
+    if not (np.issubdtype(e.dtype, np.floating) or np.issubdtype(a.dtype, np.floating)):
+      np.testing.assert_array_equal(a, e, err_msg=name)
+      continue
+    a64, e64 = a.astype(np.float64), e.astype(np.float64)
+    assert np.isfinite(a64).all() and np.isfinite(e64).all(), f"{name}: non-finite values"
+    leaf_scale = (float(np.abs(e64).max()) if e64.size else 0.0) if scale is None else scale
+    bound = ulps_of_max * EPS32 * leaf_scale + floor
+    err = np.abs(a64 - e64)
+    if os.environ.get("PGJAX_TEST_PRINT_ULPS"):  # to see how much of each bound a machine uses
+      used = float(err.max()) / (EPS32 * leaf_scale) if leaf_scale and err.size else 0.0
+      print(f"ulps {name}: {used:.2f} of {ulps_of_max} (scale {leaf_scale:.3g}); "
+            f"{float(err.max()) / bound if bound and err.size else 0.0:.1%} of the bound")
+    if err.size and not (err <= bound).all():
+      i = np.unravel_index(int(np.argmax(err - bound)), err.shape)
+      raise AssertionError(
+          f"{name}: |actual - expected| = {err[i]:.3g} at index {tuple(int(j) for j in i)} (actual {a64[i]!r}, "
+          f"expected {e64[i]!r}) exceeds the bound {bound:.3g} = {ulps_of_max} * eps32 * scale ({leaf_scale:.3g}, "
+          f"{'max|expected|' if scale is None else 'given'}) + {floor:g}; the largest error is "
+          f"{err.max() / (EPS32 * leaf_scale) if leaf_scale else np.inf:.1f} eps32 * scale")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from helpers import prefix_lm_batch, random_params
+from helpers import assert_close_f32, prefix_lm_batch, random_params
 from pgjax import config, hf, tree
 from pgjax.checkpoint import CheckpointError
 
@@ -96,7 +96,9 @@ def test_export_agrees_with_reference_mapping_and_transformers(name, tmp_path):
   assert (loaded.config.vocab_size, loaded.config.image_token_index) == (V + 64, V)
   with torch.no_grad():
     logits = loaded(**inputs).logits.numpy()
-  np.testing.assert_allclose(logits[..., :V], expected.numpy(), rtol=0, atol=1e-6)
+  # 16 eps32 * max|logits|: the same model whose output matmul has 64 more (zero) rows, which may change
+  # torch's blocking of the D-term sums; a wrong mapping of a weight would move logits by O(max|logits|).
+  assert_close_f32(logits[..., :V], expected.numpy(), ulps_of_max=16)
   np.testing.assert_array_equal(logits[..., V:], 0.0)  # zero rows: our padding never wins an argmax by chance
 
 

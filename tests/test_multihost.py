@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import prefix_lm_batch, random_params
+from helpers import assert_close_f32, prefix_lm_batch, random_params
 from pgjax import checkpoint, config, train
 from pgjax.tokenizer import make_sentencepiece
 
@@ -97,7 +97,10 @@ def _close(a, b, prefix):
   keys = sorted(k for k in a if k.startswith(prefix))
   assert keys and keys == sorted(k for k in b if k.startswith(prefix))
   for k in keys:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # Per array 64 eps32 * max|a|: params, optimizer moments and losses after a few steps whose gradients the
+    # two meshes all-reduce in other orders; a step moves a weight far less than its size, so the gradients'
+    # reordering (a few eps32 of max|g|) reaches the params scaled down. Seen: <= 10 eps32 * max|a|.
+    assert_close_f32(b[k], a[k], ulps_of_max=64, what=k)
 
 
 def test_two_processes_take_the_same_steps_as_one(runs):
@@ -110,10 +113,11 @@ def test_two_processes_take_the_same_steps_as_one(runs):
   for s in range(3):
     trainable, metrics = train.train_step(trainable, frozen, prefix_lm_batch(cfg, lengths, 12, seed=10 + s), 0.1,
                                           cfg=cfg)
-    np.testing.assert_allclose(two["manual_loss"][s], float(metrics["loss"]), rtol=1e-5)
+    # 64 eps32 of the loss: the same logits, reordered by the mesh (the tiny model's logits < the loss, ~log V).
+    assert_close_f32(two["manual_loss"][s], metrics["loss"], ulps_of_max=64, what="manual_loss")
   for k, v in jax.tree_util.tree_flatten_with_path(trainable)[0]:
     name = "manual/" + "/".join(p.key for p in k)
-    np.testing.assert_allclose(two[name], np.asarray(v), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_close_f32(two[name], np.asarray(v), ulps_of_max=64, what=name)  # as in _close
     assert np.abs(np.asarray(v) - one[name.replace("manual/", "init/")]).max() > 1e-4, name  # it did train
 
 

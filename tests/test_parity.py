@@ -11,27 +11,27 @@ import functools
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 hf_reference = pytest.importorskip("hf_reference")
 
-from helpers import prefix_lm_batch, random_params  # noqa: E402
+from helpers import assert_close_f32, prefix_lm_batch, random_params  # noqa: E402
 from pgjax import config, decode, paligemma, train  # noqa: E402
 
 CONFIGS = ["tiny-gemma1-mqa", "tiny-gemma1-mha", "tiny-gemma2-gqa", "tiny-gemma2-qscale", "tight-caps"]
 # (prefix incl. bos and "\n", suffix incl. eos) per row; ragged so per-example vs token means differ.
 LENGTHS = [(4, 6), (6, 2), (3, 9)]
 SEQ_LEN = 13
-RTOL, ATOL = 1e-5, 1e-5  # float32; absolute tolerances below are scaled by the reference's magnitude
+# Per leaf PARITY_ULPS eps32 * max|reference|: two float32 implementations of the same math (XLA and torch
+# sum the same products in their own orders, through a few layers of both towers); a wrong term, sign or
+# mask moves values by O(max|reference|).
+PARITY_ULPS = 64
 
 
-def close(actual, expected, rtol=RTOL, atol=ATOL):
-  expected = np.asarray(expected)
-  scale = max(1.0, float(np.max(np.abs(expected))))
-  chex.assert_trees_all_close(np.asarray(actual), expected, rtol=rtol, atol=atol * scale)
+def close(actual, expected, scale=None):
+  assert_close_f32(np.asarray(actual), np.asarray(expected), ulps_of_max=PARITY_ULPS, scale=scale)
 
 
 def get_config(name):
@@ -94,7 +94,10 @@ def test_loss_and_attention_grads_match_hf(name):
   assert abs(token_mean - float(loss)) > 1e-3
   ref_grads = hf_reference.attn_grads_to_bv(model, cfg)
   chex.assert_trees_all_equal_structs(jax.tree.map(np.asarray, grads), ref_grads)
-  jax.tree.map(close, grads, ref_grads)
+  # Scaled by the whole gradient's largest element: the three leaves sum products of the same backward, and
+  # a kv leaf is small where the query heads sharing it cancel (27 eps32 of its own max here, 5 of this).
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+  jax.tree.map(functools.partial(close, scale=scale), grads, ref_grads)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
