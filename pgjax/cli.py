@@ -90,7 +90,7 @@ def _flag(field: str) -> str:
 
 def cmd_finetune(args) -> int:
   import jax
-  from pgjax import demo, finetune, loop, sharding
+  from pgjax import demo, finetune, loop, rundir, sharding
 
   if args.distributed:
     jax.distributed.initialize()  # coordinator, process count and id from the standard environment
@@ -119,10 +119,10 @@ def cmd_finetune(args) -> int:
   except finetune.SettingError as e:
     extra = f" (--model-parallel {args.model_parallel})" if e.field == "batch_size" else ""
     raise ValueError(f"{_flag(e.field)} {e.detail}{extra}") from None
-  except loop.SettingsChanged as e:
+  except rundir.SettingsChanged as e:
     raise ValueError(f"{e}\n--resume-anyway resumes all the same; --no-resume starts over (moving the old "
                      f"checkpoints aside to checkpoints.old-N)") from None
-  except loop.NothingToTrain as e:
+  except rundir.NothingToTrain as e:
     raise ValueError(f"{e}\na larger --steps continues the run; --no-resume starts over (moving the old "
                      f"checkpoints aside to checkpoints.old-N)") from None
   except loop.Diverged as e:
@@ -130,7 +130,7 @@ def cmd_finetune(args) -> int:
     return 3
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (loop.Stopped): the conventional 128 + signal
     signum = getattr(e, "signum", signal.SIGINT)
-    saved = loop.latest(out) if out is not None and os.path.isdir(os.path.join(out, "checkpoints")) else None
+    saved = rundir.latest(out) if out is not None and os.path.isdir(os.path.join(out, "checkpoints")) else None
     where = (f"; {saved} holds the last saved step, and the same command resumes there" if saved else
              "; nothing was saved")
     print(f"pgjax finetune: stopped by {signal.Signals(signum).name}{where}", file=sys.stderr)

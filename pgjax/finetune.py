@@ -215,15 +215,15 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
   Inputs: `train` and `val` are lists of rows (data.read_jsonl, demo.questions, ...) or JSONL paths. The
   model is `checkpoint` (an npz path; its config inferred from its shapes unless `model` is given) or
   `params` (a tree in memory, with `model`); `tokenizer` a path or a Tokenizer.
-  Outputs in `out` (None: nothing is written and nothing resumes): checkpoints/ (loop.py), metrics.jsonl,
+  Outputs in `out` (None: nothing is written and nothing resumes): checkpoints/ (rundir.py), metrics.jsonl,
   summary.json, report.html, and with save_full final.npz, with safetensors final_trainable.safetensors
   (and final.safetensors with save_full). A run in an `out` that holds checkpoints resumes from the newest
-  (refused with loop.SettingsChanged when RESUME_FIELDS, the checkpoint or the training data differ, unless
-  resume_anyway; loop.NothingToTrain when it already reached tc.steps); resume=False starts over, moving
+  (refused with rundir.SettingsChanged when RESUME_FIELDS, the checkpoint or the training data differ, unless
+  resume_anyway; rundir.NothingToTrain when it already reached tc.steps); resume=False starts over, moving
   them aside. `mesh`: default all devices on the "data" axis. on_step(step, metrics) sees every step's
   host metrics, one step late. Raises loop.Diverged on a NaN/Inf loss (the last good checkpoint stays).
   """
-  from pgjax import checkpoint as ckpt_lib, data, evaluate, loop, progress, sharding
+  from pgjax import checkpoint as ckpt_lib, data, evaluate, loop, progress, rundir, sharding
   say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
   bar = (lambda *a, **k: None) if quiet else progress.callback
   train_rows, val_rows = _rows(train), _rows(val)
@@ -246,7 +246,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
   with contextlib.ExitStack() as stack:  # one run per folder, for the life of the run
     if out is not None:
       out = make_out_dir(out)
-      stack.enter_context(loop.hold(out))
+      stack.enter_context(rundir.hold(out))
     predicate = train_lib.make_predicate(list(tc.trainable))
     frozen_dtype = jnp.dtype(tc.frozen_dtype)
     # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint (by content: a copy
@@ -258,13 +258,13 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
         f"{dict(mesh.shape)}; frozen params {frozen_dtype}, trainable float32; out {out}")
     point = None
     if out is not None and not resume:
-      moved = loop.set_aside(out)
+      moved = rundir.set_aside(out)
       if moved:
         say(f"moved the earlier run in {out} aside: checkpoints.old-{moved}/ and its logs as NAME.old-{moved}.EXT")
     if out is not None and resume:  # refused here, before the checkpoint loads
-      point = loop.resume_point(out, num_steps=tc.steps, expect=identity, resume_anyway=resume_anyway)
+      point = rundir.resume_point(out, num_steps=tc.steps, expect=identity, resume_anyway=resume_anyway)
       if point is not None:
-        changed = loop.changed_settings(point[1], identity)
+        changed = rundir.changed_settings(point[1], identity)
         if changed:
           print("pgjax finetune: resuming with changed settings:\n  " + "\n  ".join(changed), file=sys.stderr)
         say(f"resuming from {point[0]} (step {point[1]['step']})")

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from helpers import prefix_lm_batch  # noqa: E402  (tests/ is this script's sys.path[0])
-from pgjax import checkpoint, config, data, finetune, loop, sharding, train  # noqa: E402
+from pgjax import checkpoint, config, data, finetune, loop, rundir, sharding, train  # noqa: E402
 from pgjax.tokenizer import Tokenizer  # noqa: E402
 
 CFG = config.get("tiny-gemma1-mqa")
@@ -91,10 +91,10 @@ def batches_from(start):
 kw = dict(lr_schedule=train.schedule("cosine", 0.05, 4), out_dir=os.path.join(WORKDIR, f"run_{NUM}"), mesh=mesh)
 tc = finetune.TrainConfig(steps=3, optimizer=train.Optimizer(name="adamw", eps=1e-3), save_every=2)
 trainable, opt_state, hist = loop.fit(CFG, tc, place(host[0], tr_sh), frozen, batches_from, **kw)
-assert hist.steps == [1, 2, 3] and loop.latest(kw["out_dir"]).endswith("step_000003"), hist.steps
+assert hist.steps == [1, 2, 3] and rundir.latest(kw["out_dir"]).endswith("step_000003"), hist.steps
 out.update(gather(trainable, "fit"), fit_loss=np.array(hist.loss))
 out.update(gather({f"{i:04d}": x for i, x in enumerate(jax.tree.leaves(opt_state))}, "fit_opt"))
-saved = checkpoint.load(os.path.join(loop.latest(kw["out_dir"]), "trainable.npz"))
+saved = checkpoint.load(os.path.join(rundir.latest(kw["out_dir"]), "trainable.npz"))
 out.update({f"saved/{k}": np.asarray(v) for k, v in checkpoint.flatten(saved).items()})
 trainable, _, hist = loop.fit(CFG, dataclasses.replace(tc, steps=4), place(host[0], tr_sh), frozen, batches_from, **kw)
 assert hist.steps == [4], hist.steps

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import screenshot
-from pgjax import checkpoint, cli, finetune, loop
+from pgjax import checkpoint, cli, finetune, rundir
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_demo_finetune_writes_every_output(demo_run):
   assert [l["step"] for l in lines if "eval" in l] == [0, 2, 4]
   # The final checkpoint is a full param tree in the official layout; the loop's holds the trainable part.
   full = checkpoint.flatten(checkpoint.load(out / "final.npz"))
-  part = checkpoint.flatten(checkpoint.load(os.path.join(loop.latest(out), "trainable.npz")))
+  part = checkpoint.flatten(checkpoint.load(os.path.join(rundir.latest(out), "trainable.npz")))
   assert set(part) == {k for k in full if k.startswith("llm/layers/attn/")}
   for k in part:
     np.testing.assert_array_equal(np.asarray(part[k]), np.asarray(full[k]))
@@ -289,9 +289,9 @@ def test_sigterm_saves_the_last_step_and_exits_143_in_one_line(jsonl, tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 143, err[-2000:]
   assert "Traceback" not in err and "pgjax finetune: stopped by SIGTERM;" in err
-  saved = loop.latest(out)
+  saved = rundir.latest(out)
   assert f"{saved} holds the last saved step" in err
-  step = loop.read_state(saved)["step"]
+  step = rundir.read_state(saved)["step"]
   assert _loss_steps(out) == list(range(1, step + 1))  # every completed step logged once, up to the saved one
   assert cli.main(_b(jsonl, out, "--steps", str(step + 2))) == 0
   assert _loss_steps(out) == list(range(1, step + 3))
@@ -314,7 +314,7 @@ def test_resume_after_a_hard_kill_logs_each_step_once(jsonl, tmp_path):
 def test_a_second_run_on_the_same_folder_is_refused(jsonl, tmp_path, capsys):
   out = tmp_path / "r"
   out.mkdir()
-  with loop.hold(out):  # the first run, still going
+  with rundir.hold(out):  # the first run, still going
     assert cli.main(_b(jsonl, out, "--steps", "1")) == 2
   err = capsys.readouterr().err
   assert f"{out} is in use by another run ({os.getpid()}@" in err
@@ -399,8 +399,8 @@ def test_a_full_disk_exits_2_naming_the_file_and_keeps_the_last_checkpoint(jsonl
     err = capsys.readouterr().err
     assert f"pgjax finetune: error: {out / 'checkpoints'}" in err and "No space left on device" in err
     assert "Traceback" not in err
-    assert loop.latest(out).endswith("step_000002")
-    checkpoint.load(os.path.join(loop.latest(out), "trainable.npz"))
+    assert rundir.latest(out).endswith("step_000002")
+    checkpoint.load(os.path.join(rundir.latest(out), "trainable.npz"))
   finally:
     subprocess.run(["umount", str(disk)], check=True)
 

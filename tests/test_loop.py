@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import prefix_lm_batch, random_params
-from pgjax import checkpoint, config, finetune, loop, train, tree
-
+from pgjax import checkpoint, config, finetune, loop, rundir, train, tree
 CFG = config.get("tiny-gemma1-mqa")
 
 
@@ -26,7 +25,6 @@ def batches_from(step, seed=0):
 @pytest.fixture(scope="module")
 def params():
   return random_params(CFG, seed=5)
-
 
 _TC_FIELDS = ("save_every", "optimizer", "seed")
 
@@ -52,7 +50,7 @@ def test_kill_and_resume_is_bit_identical(params, tmp_path, optimizer):
   # on_step sees step 3's metrics once step 4 has run: the stop saves the state after step 4.
   with pytest.raises(Killed) as stopped:
     _run(params, tmp_path / "b", save_every=2, optimizer=optimizer, on_step=kill)
-  assert loop.latest(tmp_path / "b").endswith("step_000004")
+  assert rundir.latest(tmp_path / "b").endswith("step_000004")
   assert "saved the state after step 4" in stopped.value.__notes__[0]
   resumed, _, hist_b = _run(params, tmp_path / "b", save_every=2, optimizer=optimizer)
   assert hist_b.steps == [5, 6]
@@ -74,7 +72,7 @@ def test_kill_and_resume_is_bit_identical(params, tmp_path, optimizer):
 
 def test_checkpoint_is_loadable_in_the_official_layout(params, tmp_path):
   trainable, _, _ = _run(params, tmp_path, num_steps=2, save_every=2)
-  path = os.path.join(loop.latest(tmp_path), "trainable.npz")
+  path = os.path.join(rundir.latest(tmp_path), "trainable.npz")
   loaded = checkpoint.load(path)
   assert set(tree.flatten(loaded)) == {k for k in tree.flatten(params) if k.startswith("llm/layers/attn/")}
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, trainable))
@@ -82,7 +80,7 @@ def test_checkpoint_is_loadable_in_the_official_layout(params, tmp_path):
 
 def test_crash_mid_save_leaves_the_previous_checkpoint(params, tmp_path, monkeypatch):
   _run(params, tmp_path, num_steps=2, save_every=2)
-  good = loop.latest(tmp_path)
+  good = rundir.latest(tmp_path)
   before = checkpoint.load(os.path.join(good, "trainable.npz"))
   real_save = checkpoint.save
 
@@ -93,7 +91,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(params, tmp_path, monkeyp
   monkeypatch.setattr(checkpoint, "save", failing_save)
   with pytest.raises(OSError, match="injected"):
     _run(params, tmp_path, num_steps=4, save_every=2)
-  assert loop.latest(tmp_path) == good
+  assert rundir.latest(tmp_path) == good
   after = checkpoint.load(os.path.join(good, "trainable.npz"))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after), jax.tree.map(np.asarray, before))
 
@@ -102,7 +100,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(params, tmp_path):
   lrs = {1: 0.01, 2: 0.01}
   with pytest.raises(loop.Diverged, match="step"):
     _run(params, tmp_path, num_steps=6, save_every=2, lr_schedule=lambda s: lrs.get(s, 1e30))
-  good = loop.latest(tmp_path)
+  good = rundir.latest(tmp_path)
   assert good.endswith("step_000002")
   assert train.all_finite(checkpoint.load(os.path.join(good, "trainable.npz")))
 
@@ -125,7 +123,7 @@ def test_fresh_run_keeps_its_checkpoint_and_sets_the_old_run_aside(params, tmp_p
   _run(params, tmp_path, num_steps=1, save_every=1, resume=False)
   root = tmp_path / "checkpoints"
   assert (root / "LATEST").read_text() == "step_000001\n"
-  assert loop.latest(tmp_path).endswith("step_000001") and _steps_in(root) == ["step_000001"]
+  assert rundir.latest(tmp_path).endswith("step_000001") and _steps_in(root) == ["step_000001"]
   # The earlier run is kept whole, untouched, beside it.
   old = tmp_path / "checkpoints.old-1"
   assert _steps_in(old) == ["step_000002", "step_000004"] and (old / "LATEST").read_text() == "step_000004\n"
@@ -138,23 +136,9 @@ def test_fresh_run_keeps_its_checkpoint_and_sets_the_old_run_aside(params, tmp_p
   assert _steps_in(tmp_path / "checkpoints.old-2") == ["step_000002", "step_000003"]
 
 
-def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
-  tree = {"llm": {"layers": {"attn": {"w": np.arange(3, dtype=np.float32)}}}}
-  root = tmp_path / "checkpoints"
-  for later in (5, 9):  # later steps in the folder (e.g. a save that crashed before LATEST moved on)
-    loop.save_checkpoint(tmp_path, later, tree, None, {}, keep=0)
-  for step in (1, 2, 3):
-    loop.save_checkpoint(tmp_path, step, tree, None, {}, keep=2)
-    assert (root / "LATEST").read_text() == f"step_{step:06d}\n"
-    assert loop.read_state(loop.latest(tmp_path))["step"] == step
-  assert _steps_in(root) == ["step_000002", "step_000003", "step_000005", "step_000009"]
-  loop.save_checkpoint(tmp_path, 4, tree, None, {}, keep=1)
-  assert _steps_in(root) == ["step_000004", "step_000005", "step_000009"]
-
-
 def test_resume_refuses_other_settings_unless_asked(params, tmp_path):
   _run(params, tmp_path, num_steps=2, save_every=2, seed=0, extra_state={"batch_size": 4, "data": {"n": 10}})
-  with pytest.raises(loop.SettingsChanged) as e:
+  with pytest.raises(rundir.SettingsChanged) as e:
     _run(params, tmp_path, num_steps=4, save_every=2, seed=1, optimizer=train.Optimizer(weight_decay=0.5),
          extra_state={"batch_size": 8, "data": {"n": 10}})
   assert str(tmp_path / "checkpoints" / "step_000002") in str(e.value)
@@ -162,21 +146,21 @@ def test_resume_refuses_other_settings_unless_asked(params, tmp_path):
   assert [l.strip() for l in changed] == ["batch_size: 4 in the checkpoint, 8 now",
                                           "optimizer.weight_decay: 0.0 in the checkpoint, 0.5 now",
                                           "seed: 0 in the checkpoint, 1 now"]
-  with pytest.raises(loop.SettingsChanged, match=r"data\.n: 10 in the checkpoint, 11 now"):
+  with pytest.raises(rundir.SettingsChanged, match=r"data\.n: 10 in the checkpoint, 11 now"):
     _run(params, tmp_path, num_steps=4, save_every=2, extra_state={"batch_size": 4, "data": {"n": 11}})
   _, _, hist = _run(params, tmp_path, num_steps=4, save_every=2, seed=1, resume_anyway=True,
                     extra_state={"batch_size": 8, "data": {"n": 10}})
   assert hist.steps == [3, 4]
-  state = loop.read_state(loop.latest(tmp_path))
+  state = rundir.read_state(rundir.latest(tmp_path))
   assert state["step"] == 4 and state["seed"] == 1 and state["batch_size"] == 8  # the new settings, recorded
 
 
 def test_resume_with_nothing_left_to_train_says_so(params, tmp_path):
   _run(params, tmp_path, num_steps=2, save_every=2)
   for steps in (2, 1):
-    with pytest.raises(loop.NothingToTrain, match=f"step_000002 is at step 2, which already reaches the {steps} steps"):
+    with pytest.raises(rundir.NothingToTrain, match=f"step_000002 is at step 2, which already reaches the {steps} steps"):
       _run(params, tmp_path, num_steps=steps, save_every=2)
-  assert loop.latest(tmp_path).endswith("step_000002")
+  assert rundir.latest(tmp_path).endswith("step_000002")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -185,6 +169,8 @@ def test_resume_with_nothing_left_to_train_says_so(params, tmp_path):
     ('{"step": "2"}', "key \"step\" must be a non-negative integer, found '2'"),
     ('[2]', "expected a JSON object, found list"),
 ])
+
+
 def test_damaged_state_json_is_named(params, tmp_path, text, message):
   _run(params, tmp_path, num_steps=2, save_every=2)
   path = tmp_path / "checkpoints" / "step_000002" / "state.json"
@@ -230,21 +216,6 @@ def test_mis_shaped_or_missing_opt_state_is_named(params, tmp_path):
     _run(params, tmp_path, num_steps=4, save_every=2, optimizer=adamw)
 
 
-@pytest.mark.parametrize("name", ["../..", "/tmp", "step_000001/../../elsewhere", "step_x"])
-def test_latest_refuses_a_name_outside_checkpoints(tmp_path, name):
-  """LATEST can only name a step_NNNNNN folder inside checkpoints/: a resume never follows it elsewhere, even
-  where that place holds a state.json."""
-  root = tmp_path / "run" / "checkpoints"
-  (root / "step_000001").mkdir(parents=True)
-  (root / "step_000001" / "state.json").write_text('{"step": 1}')
-  (tmp_path / "state.json").write_text('{"step": 5}')
-  (root / "LATEST").write_text(name + "\n")
-  with pytest.raises(checkpoint.CheckpointError, match="not a step_NNNNNN folder"):
-    loop.latest(tmp_path / "run")
-  (root / "LATEST").write_text("step_000001\n")
-  assert loop.latest(tmp_path / "run") == str(root / "step_000001")
-
-
 def test_a_data_error_keeps_what_was_trained(params, tmp_path):
   """An error in the data at step 4 (no periodic saves) stops the run with the state after step 3 saved;
   the same call then resumes there and ends where an uninterrupted run does, bit for bit."""
@@ -261,7 +232,7 @@ def test_a_data_error_keeps_what_was_trained(params, tmp_path):
                          lr_schedule=train.schedule("cosine", 0.05, 6))
   with pytest.raises(ValueError, match="injected") as stopped:
     fit()
-  assert loop.latest(tmp_path / "b").endswith("step_000003")
+  assert rundir.latest(tmp_path / "b").endswith("step_000003")
   assert "saved the state after step 3" in stopped.value.__notes__[0]
   (tmp_path / "fixed").touch()
   resumed, _, hist_b = fit()
@@ -274,8 +245,7 @@ def test_a_stop_after_divergence_saves_nothing(params, tmp_path):
   """Divergence is not a stop to save from: the loop raises Diverged and no checkpoint appears."""
   with pytest.raises(loop.Diverged):
     _run(params, tmp_path, lr_schedule=lambda step: float("nan"))
-  assert loop.latest(tmp_path) is None
-
+  assert rundir.latest(tmp_path) is None
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
@@ -297,7 +267,7 @@ def test_a_stop_signal_saves_and_logs_the_last_completed_step(params, tmp_path, 
     _run(params, tmp_path / "b", on_step=on_step)
   assert stopped.value.signum == signum and isinstance(stopped.value, KeyboardInterrupt)
   assert signal.getsignal(signum) is before
-  assert logged == [1, 2, 3, 4] and loop.latest(tmp_path / "b").endswith("step_000004")
+  assert logged == [1, 2, 3, 4] and rundir.latest(tmp_path / "b").endswith("step_000004")
   (tmp_path / "resumed").touch()
   resumed, _, hist_b = _run(params, tmp_path / "b", on_step=on_step)
   assert logged == [1, 2, 3, 4, 5, 6] and hist_b.loss == hist.loss[4:]
@@ -318,7 +288,7 @@ def test_ctrl_c_during_a_step_logs_the_step_before_and_saves_it(params, tmp_path
   with pytest.raises(KeyboardInterrupt):
     loop.fit(CFG, finetune.TrainConfig(steps=6), trainable, frozen, interrupted_from, out_dir=tmp_path,
              on_step=lambda s, m: logged.append(s))
-  assert logged == [1, 2, 3] and loop.latest(tmp_path).endswith("step_000003")
+  assert logged == [1, 2, 3] and rundir.latest(tmp_path).endswith("step_000003")
 
 
 def test_lost_latest_resumes_from_the_newest_complete_step_and_says_so(params, tmp_path, capsys):
@@ -328,7 +298,7 @@ def test_lost_latest_resumes_from_the_newest_complete_step_and_says_so(params, t
   # The newest step folder is damaged (its npz cut short): it is not complete, so step 2 is where the run goes on.
   npz = root / "step_000004" / "trainable.npz"
   npz.write_bytes(npz.read_bytes()[:100])
-  assert not loop.complete(root / "step_000004") and loop.complete(root / "step_000002")
+  assert not rundir.complete(root / "step_000004") and rundir.complete(root / "step_000002")
   _, _, hist = _run(params, tmp_path, num_steps=6, save_every=2)
   assert hist.steps == [3, 4, 5, 6]
   assert f"LATEST is missing; resuming from the newest complete checkpoint, {root / 'step_000002'}" in capsys.readouterr().err
@@ -339,48 +309,3 @@ def test_lost_latest_resumes_from_the_newest_complete_step_and_says_so(params, t
   with pytest.raises(checkpoint.CheckpointError, match=r"LATEST is missing and no step folder there is complete"):
     _run(params, tmp_path, num_steps=8, save_every=2)
 
-
-@pytest.mark.parametrize("damage", ["binary", "folder"])
-def test_unreadable_latest_is_named(params, tmp_path, damage):
-  _run(params, tmp_path, num_steps=2, save_every=2)
-  latest = tmp_path / "checkpoints" / "LATEST"
-  latest.unlink()
-  if damage == "binary":
-    latest.write_bytes(b"\xff\xfe step")
-  else:
-    latest.mkdir()
-  with pytest.raises(checkpoint.CheckpointError, match=f"{latest}: cannot be read"):
-    loop.latest(tmp_path)
-
-
-def test_one_run_per_folder(tmp_path, capsys):
-  import socket
-  me = f"{os.getpid()}@{socket.gethostname()}"
-  with loop.hold(tmp_path):
-    assert (tmp_path / loop.LOCK_FILE).read_text() == me
-    with pytest.raises(loop.FolderBusy, match=f"{tmp_path} is in use by another run \\({me}\\)"):
-      with loop.hold(tmp_path):
-        pass
-  assert (tmp_path / loop.LOCK_FILE).read_text() == ""  # a clean release empties it
-  # A lock file still naming a process after that process died (kill -9): taken over, and said.
-  (tmp_path / loop.LOCK_FILE).write_text("999999999@elsewhere")
-  with loop.hold(tmp_path):
-    pass
-  assert "took over the lock on" in capsys.readouterr().err
-  # A live process named on this host although the flock is free (a filesystem that ignores flock): refused.
-  (tmp_path / loop.LOCK_FILE).write_text(f"{os.getppid()}@{socket.gethostname()}")
-  with pytest.raises(loop.FolderBusy, match=f"process {os.getppid()} on this host"):
-    with loop.hold(tmp_path):
-      pass
-
-
-def test_set_aside_moves_checkpoints_and_logs_with_one_number(tmp_path):
-  (tmp_path / "checkpoints").mkdir()
-  (tmp_path / "checkpoints" / "LATEST").write_text("step_000001\n")
-  (tmp_path / "metrics.jsonl").write_text("{}\n")
-  (tmp_path / "report.html").write_text("this run's")
-  (tmp_path / "report.old-1.html").write_text("an earlier run's")  # N=1 is taken for one of them
-  assert loop.set_aside(tmp_path) == 2
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints.old-2", "metrics.old-2.jsonl",
-                                                         "report.old-1.html", "report.old-2.html"]
-  assert loop.set_aside(tmp_path) is None
