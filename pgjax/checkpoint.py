@@ -384,7 +384,7 @@ def infer_config_from_shapes(shapes: Mapping, overrides: Mapping | None = None, 
   a Gemma-1-shaped LLM (no post norms) that matches no preset gets the Gemma 1 defaults (no caps); a
   Gemma-2-shaped one that matches no preset needs them in `overrides`, dotted names applied with
   dataclasses.replace, e.g. {"llm.attn_logits_softcap": 50.0, "llm.final_logits_softcap": 30.0,
-  "llm.query_pre_attn_scalar": None}. Overrides of other non-shape fields ("vision.dtype_mm", "remat",
+  "llm.query_pre_attn_scalar": None}. Overrides of other non-shape fields ("vision.compute_dtype", "remat",
   "llm.final_logits_softcap") are applied in every case.
   """
   shapes = {k: tuple(v) for k, v in shapes.items()}

@@ -67,7 +67,8 @@ def _rows(path, image_dir, skip_bad, what, validate_images="header"):
 
 
 # Flags that set a TrainConfig field of the same name; unset (None), they keep the preset's value.
-_TRAIN_FLAGS = ("steps", "batch_size", "lr", "schedule", "warmup", "clip", "accum", "trainable", "frozen_dtype",
+_TRAIN_FLAGS = ("steps", "batch_size", "lr", "schedule", "warmup", "clip", "accum", "trainable", "compute_dtype",
+                "frozen_dtype",
                 "remat", "keep_final_softcap", "max_len", "truncate", "seed", "task", "max_new_tokens", "eval_every",
                 "eval_examples", "eval_batch_size", "save_every")
 
@@ -151,6 +152,7 @@ def cmd_eval(args) -> int:
     if path:
       files.check_writable(path, flag)  # before the evaluation, not after it
   cfg, tok, ckpt = _model(args)
+  cfg = _with_compute_dtype(cfg, args.compute_dtype)
   rows = _rows(args.data, args.image_dir, args.skip_bad, "eval", args.validate_images)
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
   res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
@@ -179,6 +181,7 @@ def cmd_predict(args) -> int:
   if args.html:
     files.check_writable(args.html, "--html")
   cfg, tok, ckpt = _model(args)
+  cfg = _with_compute_dtype(cfg, args.compute_dtype)
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
   preds = evaluate.predict(params, cfg, tok, args.image, [args.prompt] * len(args.image),
                            batch_size=min(8, len(args.image)), max_new_tokens=args.max_new_tokens,
@@ -259,6 +262,19 @@ def _regex(text):
   return text
 
 
+def _add_compute_dtype(p, default="auto"):
+  p.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default=default,
+                 help="the matmuls' dtype, accumulated in float32 (default auto: bfloat16 on TPUs, on GPUs with "
+                      "bfloat16 and on CPUs where a probe finds it faster, else float32); float32 gives "
+                      "big_vision's exact numerics; float16 (a T4, a V100) trains with loss scaling")
+
+
+def _with_compute_dtype(cfg, name):
+  """cfg with the --compute-dtype of eval and predict, "auto" resolved for this machine."""
+  from pgjax import host
+  return cfg.with_compute_dtype(host.resolve_compute_dtype(name)[0])
+
+
 def _add_validate_images(p):
   from pgjax import sources  # the choices are sources.read_jsonl's own
   p.add_argument("--validate-images", default="header", choices=sources.VALIDATE_IMAGES,
@@ -294,7 +310,9 @@ def _parser():
   p.add_argument("--clip", type=_POSITIVE, default=None, help="clip the gradient's global norm")
   p.add_argument("--accum", type=_AT_LEAST_1, help="gradient accumulation micro-batches per step (default 1)")
   p.add_argument("--trainable", nargs="+", type=_regex, help="regexes of trainable params (default llm/layers/attn/.*)")
-  p.add_argument("--frozen-dtype", choices=("float16", "bfloat16", "float32"), help="default float16")
+  _add_compute_dtype(p, default=None)
+  p.add_argument("--frozen-dtype", choices=("float16", "bfloat16", "float32"),
+                 help="default: the compute dtype where it is 16-bit, else float16")
   p.add_argument("--remat", choices=("none", "full", "dots"), help="default none")
   p.add_argument("--max-len", type=_AT_LEAST_1, help="token sequence length (prefix + suffix + eos)")
   p.add_argument("--truncate", choices=("error", "keep_eos"), help="over-long examples: error (default) or cut "
@@ -332,6 +350,7 @@ def _parser():
   p.add_argument("--batch-size", type=_AT_LEAST_1, default=16)
   p.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=32)
   p.add_argument("--dtype", default="float32", choices=_DTYPES, help="params dtype")
+  _add_compute_dtype(p)
   p.add_argument("--html", help="write an HTML view of the predictions here")
   p.add_argument("--report-examples", type=_AT_LEAST_0, default=200,
                  help="rows shown in the --html page (default 200; the metrics cover every row)")
@@ -344,6 +363,7 @@ def _parser():
   p.add_argument("--prompt", required=True, help='the prefix, e.g. "caption en" or "detect cat ; dog"')
   p.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=32)
   p.add_argument("--dtype", default="float32", choices=_DTYPES, help="params dtype")
+  _add_compute_dtype(p)
   p.add_argument("--html", help="write an HTML view (with <loc> boxes drawn) here")
   p.set_defaults(fn=cmd_predict)
 

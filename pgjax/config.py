@@ -10,6 +10,12 @@ from __future__ import annotations
 import dataclasses
 
 PALIGEMMA_VOCAB = 257_152
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_compute_dtype(name) -> None:
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -22,10 +28,12 @@ class SigLIPConfig:
   depth: int = 27
   num_heads: int = 16
   mlp_dim: int = 4304
-  # Dtype of the tower's matmuls (big_vision's `dtype_mm`); norms and softmax stay float32.
-  dtype_mm: str = "float32"
+  # The dtype both operands of every matmul are cast to (`layers.dot`); the dots accumulate in float32,
+  # and the residual stream, norms and softmax stay float32 whatever it is.
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
+    _check_compute_dtype(self.compute_dtype)
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
     if self.width % self.num_heads:
@@ -59,8 +67,11 @@ class GemmaConfig:
   # Queries are scaled by query_pre_attn_scalar**-0.5; None means head_dim (big_vision's
   # "rsqrt_head_dim"). gemma2_27b uses width // num_heads ("rsqrt_emb_per_head").
   query_pre_attn_scalar: float | None = None
+  # As SigLIPConfig.compute_dtype; RoPE, attention logits, soft caps and the output logits stay float32.
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
+    _check_compute_dtype(self.compute_dtype)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -87,6 +98,16 @@ class PaliGemmaConfig:
   @property
   def num_image_tokens(self) -> int:
     return self.vision.num_patches
+
+  @property
+  def compute_dtype(self) -> str:
+    """The LLM's compute dtype (`with_compute_dtype` sets both towers')."""
+    return self.llm.compute_dtype
+
+  def with_compute_dtype(self, name: str) -> "PaliGemmaConfig":
+    """This config with both towers' matmuls in `name` ("float32": exact, big_vision's numerics)."""
+    return dataclasses.replace(self, vision=dataclasses.replace(self.vision, compute_dtype=name),
+                               llm=dataclasses.replace(self.llm, compute_dtype=name))
 
 
 def _gemma2(**kw) -> GemmaConfig:

@@ -85,20 +85,26 @@ def _decode_step(params, tokens_B, cache, view=None, *, cfg: PaliGemmaConfig):
   return logits_B1V[:, 0], cache
 
 
+def _cache_dtype(cache_dtype, cfg: PaliGemmaConfig):
+  # The default is the compute dtype: keys and values are cast to it at every attention dot anyway, so a
+  # cache in it changes no number and, in a 16-bit dtype, is half the size.
+  return jnp.dtype(cfg.llm.compute_dtype if cache_dtype is None else cache_dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_size", "cache_dtype"))
 def prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT=None, decode_view=None, *,
-            cfg: PaliGemmaConfig, cache_size: int, cache_dtype=jnp.float32):
+            cfg: PaliGemmaConfig, cache_size: int, cache_dtype=None):
   """Runs [image; prompt] once and fills the cache. Returns (logits_BV of the next token, cache).
 
   cache_size counts slots for the image, the prompt and every token to be fed by `decode_step`.
   `mask_ar_BT` defaults to zeros: the whole prompt is one bidirectional block with the image.
-  `decode_view`: see `make_view`.
+  `decode_view`: see `make_view`. `cache_dtype`: see `greedy`.
   """
   T = cfg.num_image_tokens + prompt_BT.shape[1]
   if cache_size < T:
     raise ValueError(f"cache_size {cache_size} is smaller than the {T} image and prompt tokens")
   return _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, decode_view, cfg=cfg,
-                  cache_size=cache_size, cache_dtype=jnp.dtype(cache_dtype))
+                  cache_size=cache_size, cache_dtype=_cache_dtype(cache_dtype, cfg))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -116,15 +122,15 @@ def _make_view(llm_params, *, cfg, dtype):
   return decode_view.make_decode_view(llm_params, cfg=cfg, dtype=dtype)
 
 
-def make_view(params, *, cfg: PaliGemmaConfig, dtype=jnp.float32) -> dict:
+def make_view(params, *, cfg: PaliGemmaConfig, dtype=None) -> dict:
   """A copy of the LLM's weights laid out for decoding (`decode_view.make_decode_view`, which says why).
   Make it once per set of params and pass it as `decode_view=` to `greedy`, `prefill` or `decode_step`.
 
-  It holds the LLM's weights (layers and output head) a second time, in `dtype` (float32, what the dots
-  compute in, so the loop casts nothing), for as long as it lives. Without it (`decode_view=None`, the
-  default) nothing extra is held.
+  It holds the LLM's weights (layers and output head) a second time, in `dtype` (None: the config's
+  compute dtype, what the dots read, so the loop casts nothing), for as long as it lives. Without it
+  (`decode_view=None`, the default) nothing extra is held.
   """
-  return _make_view(params["llm"], cfg=cfg.llm, dtype=jnp.dtype(dtype))
+  return _make_view(params["llm"], cfg=cfg.llm, dtype=jnp.dtype(dtype or cfg.llm.compute_dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "cache_dtype", "return_logits"))
@@ -169,7 +175,7 @@ def _greedy(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, v
 
 
 def greedy(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, max_new_tokens: int,
-           eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=jnp.float32,
+           eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=None,
            return_logits: bool = True, return_info: bool = False, decode_view: dict | None = None):
   """Greedy decoding of up to `max_new_tokens` per row, in one jitted `while_loop`.
 
@@ -177,8 +183,9 @@ def greedy(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemm
   after each row's first eos, which is kept) and the logits each token was chosen from [B, M, V]
   (zero where the token is). With return_info, also a dict: num_tokens [B] (eos included), hit_eos [B]
   (False: the row ran out of tokens), steps (decode steps run). `valid_B` marks batch rows that are
-  padding (False); they never delay the early stop and come back as zeros. cache_dtype bfloat16
-  halves the cache; float32 (default) matches a teacher-forced forward to float32 precision.
+  padding (False); they never delay the early stop and come back as zeros. cache_dtype (None: the
+  config's compute dtype): in float32 compute, float32 matches a teacher-forced forward to float32
+  precision and bfloat16 halves the cache.
   `decode_view` (`make_view(params, cfg=cfg)`, made once): prefill and the token loop read the LLM's
   weights from it instead of the stacked params (see `make_view`).
   """
@@ -190,6 +197,6 @@ def greedy(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemm
   tokens, logits, info = _greedy(params, image_BYXC, prompt_BT, jnp.asarray(prompt_mask_input_BT, bool),
                                  None if prompt_mask_ar_BT is None else jnp.asarray(prompt_mask_ar_BT, jnp.int32),
                                  jnp.asarray(valid_B, bool), decode_view, cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                                 cache_dtype=jnp.dtype(cache_dtype), return_logits=return_logits)
+                                 cache_dtype=_cache_dtype(cache_dtype, cfg), return_logits=return_logits)
   out = (tokens, logits if return_logits else None)
   return (*out, info) if return_info else out

@@ -27,9 +27,10 @@ from pgjax import gemma, layers
 from pgjax.config import GemmaConfig
 
 
-def make_decode_view(params: dict, *, cfg: GemmaConfig, dtype=jnp.float32) -> dict:
-  """The view of the LLM's params (`params["llm"]`), in `dtype` (the residual stream's, so the loop casts
-  nothing; norm scales stay as they are):
+def make_decode_view(params: dict, *, cfg: GemmaConfig, dtype=None) -> dict:
+  """The view of the LLM's params (`params["llm"]`), in `dtype` (None: the config's compute dtype, what
+  the dots read, so the loop casts nothing; in bfloat16 it is half the bytes per token of float32's, and
+  the token loop is bound by those bytes); norm scales stay as they are:
     layers        a list of L dicts, one per layer:
       attn/qkv_DZ   [D, (N + 2K) H]  query heads, then key heads, then value heads (from q_einsum and
                                      kv_einsum, or qkv_einsum)
@@ -40,6 +41,7 @@ def make_decode_view(params: dict, *, cfg: GemmaConfig, dtype=jnp.float32) -> di
     head_DV       [D, V]  the tied embedding table, transposed for the output head (XLA:CPU's matmul of a
                           few rows runs faster against [D, V] than against [V, D]: bench/README.md)
   """
+  dtype = jnp.dtype(cfg.compute_dtype if dtype is None else dtype)
   L = cfg.depth
   lp = params["layers"]
   attn = lp["attn"]
@@ -68,9 +70,8 @@ def make_decode_view(params: dict, *, cfg: GemmaConfig, dtype=jnp.float32) -> di
 def _qkv(h_BTD, attn: dict, select=None, *, cfg: GemmaConfig):
   """One plain matmul, then split into query, key and value heads. With `select`, the queries are
   selected after it: a prefill selects once, and the fused matmul is worth more than the unselected rows."""
-  dt = h_BTD.dtype
   N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  qkv_BTZ = jnp.einsum("BTD,DZ->BTZ", h_BTD, attn["qkv_DZ"].astype(dt))
+  qkv_BTZ = layers.dot("BTD,DZ->BTZ", h_BTD, attn["qkv_DZ"], cfg.compute_dtype)
   q_BTNH = rearrange(qkv_BTZ[..., :N * H], "B T (N H) -> B T N H", H=H)
   k_BTKH = rearrange(qkv_BTZ[..., N * H:(N + K) * H], "B T (K H) -> B T K H", H=H)
   v_BTKH = rearrange(qkv_BTZ[..., (N + K) * H:], "B T (K H) -> B T K H", H=H)
@@ -79,18 +80,18 @@ def _qkv(h_BTD, attn: dict, select=None, *, cfg: GemmaConfig):
   return q_BTNH, k_BTKH, v_BTKH
 
 
-def _attn_out(enc_BTNH, attn: dict):
-  return jnp.einsum("BTZ,ZD->BTD", rearrange(enc_BTNH, "B T N H -> B T (N H)"), attn["out_ZD"].astype(enc_BTNH.dtype))
+def _attn_out(enc_BTNH, attn: dict, *, cfg: GemmaConfig):
+  return layers.dot("BTZ,ZD->BTD", rearrange(enc_BTNH, "B T N H -> B T (N H)"), attn["out_ZD"], cfg.compute_dtype)
 
 
-def _mlp(h_BTD, mlp: dict):
-  dt = h_BTD.dtype
-  gate_BTF, up_BTF = jnp.split(jnp.einsum("BTD,DZ->BTZ", h_BTD, mlp["gating_DZ"].astype(dt)), 2, axis=-1)
-  return jnp.einsum("BTF,FD->BTD", layers.gelu(gate_BTF) * up_BTF, mlp["linear"].astype(dt))
+def _mlp(h_BTD, mlp: dict, *, cfg: GemmaConfig):
+  cd = cfg.compute_dtype
+  gate_BTF, up_BTF = jnp.split(layers.dot("BTD,DZ->BTZ", h_BTD, mlp["gating_DZ"], cd), 2, axis=-1)
+  return layers.dot("BTF,FD->BTD", layers.gelu(gate_BTF) * up_BTF, mlp["linear"], cd)
 
 
 def _ops(cfg: GemmaConfig) -> gemma.LayerOps:
-  return gemma.LayerOps(functools.partial(_qkv, cfg=cfg), _attn_out, _mlp)
+  return gemma.LayerOps(*(functools.partial(op, cfg=cfg) for op in (_qkv, _attn_out, _mlp)))
 
 
 # ------------------------------------------------------------------------------------------- the forwards
@@ -142,6 +143,5 @@ def forward_cached(params: dict, view: dict, x_BTD, positions_BT, k_LBSKH, v_LBS
 
 def logits(view: dict, x_BTD, *, cfg: GemmaConfig):
   """`gemma.logits` through the view's transposed copy of the table."""
-  logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, view["head_DV"].astype(x_BTD.dtype),
-                          preferred_element_type=jnp.float32)
+  logits_BTV = layers.dot("BTD,DV->BTV", x_BTD, view["head_DV"], cfg.compute_dtype)
   return layers.softcap(logits_BTV, cfg.final_logits_softcap)

@@ -149,10 +149,12 @@ def make_tokenizer(path: str):
 # shipped checkpoint predates (its stages decayed over exactly `steps`).
 FINETUNE = finetune.TrainConfig(steps=2400, batch_size=32, lr=0.7, clip=1.0, max_len=16, max_new_tokens=4,
                                 eval_every=400, eval_examples=512, task="vqa", schedule="cosine", warmup=0.05)
-"""`pgjax finetune` with no data flags: the seed recipe (attention only, float32, SGD with warmup + cosine),
-with settings measured to meet the demo's target (README)."""
+"""`pgjax finetune` with no data flags: the seed recipe (attention only, float32 masters, SGD with warmup +
+cosine), with settings measured to meet the demo's target (README); the compute dtype is "auto", as every run's."""
 
+# The shipped checkpoint is made in float32 on every machine, so that it is the same everywhere.
 _PRETRAIN = dict(batch_size=32, schedule="cosine", warmup=0.05, clip=1.0, trainable=(".*",), frozen_dtype="float32",
+                 compute_dtype="float32",
                  optimizer=train_lib.Optimizer(name="adamw", weight_decay=1e-4))
 PRETRAIN_CAPTION = finetune.TrainConfig(steps=2000, lr=3e-3, max_len=10, seed=0, **_PRETRAIN)
 """Pretraining stage 1: captioning, every param training with AdamW."""

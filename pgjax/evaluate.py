@@ -70,14 +70,16 @@ def prompt_len(tok, prefixes) -> int:
   return -(-max(tok.example_len(p) for p in prefixes) // 8) * 8
 
 
-def view_fits(params, *, headroom: float = 2.0) -> bool:
+def view_fits(params, cfg=None, *, headroom: float = 2.0) -> bool:
   """Whether `predict` decodes over `decode.make_view` (why it is faster: pgjax/decode_view.py) when not
   told. On CPU always. On an accelerator when every local device has `headroom` times the view's size free:
-  the view is a second, float32 copy of the LLM's weights, which a small GPU may not hold beside the model
-  (bench/README.md has the sizes and speed-ups). A device that reports no memory statistics gets no view."""
+  the view is a second copy of the LLM's weights in the compute dtype (`cfg`'s; float32 without one), which
+  a small GPU may not hold beside the model (bench/README.md has the sizes and speed-ups). A device that
+  reports no memory statistics gets no view."""
   if jax.default_backend() == "cpu":
     return True
-  view_bytes = 4 * sum(x.size for x in jax.tree.leaves(params["llm"]))
+  itemsize = jnp.dtype(cfg.llm.compute_dtype if cfg is not None else jnp.float32).itemsize
+  view_bytes = itemsize * sum(x.size for x in jax.tree.leaves(params["llm"]))
   for device in jax.local_devices():
     stats = device.memory_stats() or {}
     if "bytes_limit" not in stats:
@@ -88,7 +90,7 @@ def view_fits(params, *, headroom: float = 2.0) -> bool:
 
 
 def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len: int | None = None,
-            max_new_tokens: int = 64, cache_dtype=jnp.float32, decode_view: bool | None = None,
+            max_new_tokens: int = 64, cache_dtype=None, decode_view: bool | None = None,
             progress=None) -> list[dict]:
   """Greedy predictions for every (image, prefix), in order, each exactly once.
 
@@ -97,7 +99,8 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   max_len: prompt length in tokens (None: `prompt_len` of these prefixes).
   Returns [dict(prediction, num_tokens, hit_eos)] with num_tokens counting the eos when there is one;
   hit_eos False means the text was cut at max_new_tokens.
-  decode_view: decode over `decode.make_view`, made once for all batches (None: `view_fits(params)`).
+  decode_view: decode over `decode.make_view`, made once for all batches (None: `view_fits(params, cfg)`).
+  cache_dtype: the KV cache's (None: the compute dtype, see `decode.greedy`).
   progress: None, or called as progress(examples_done, N) as each batch's tokens arrive.
   """
   prefixes = list(prefixes)
@@ -113,7 +116,7 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   if tok.vocab_size > cfg.llm.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {cfg.llm.vocab_size}")
   if decode_view is None:
-    decode_view = view_fits(params)
+    decode_view = view_fits(params, cfg)
   view = decode.make_view(params, cfg=cfg) if decode_view else None
 
   def make_batch(start):
@@ -240,7 +243,7 @@ def score(rows, predictions, task: str | None = None) -> dict:
 
 
 def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int = 8,
-             max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=jnp.float32,
+             max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=None,
              decode_view: bool | None = None, progress=None) -> dict:
   """Predicts every row (dicts with "image" path or array, "prefix", and targets "suffix" and/or
   "answers" (VQA) / "references" (captions)) and scores it. Returns dict(metrics, predictions), the

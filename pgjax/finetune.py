@@ -41,6 +41,7 @@ from pgjax.config import PaliGemmaConfig
 SCHEDULES = ("cosine", "linear", "constant")
 REMATS = ("none", "full", "dots")
 FROZEN_DTYPES = ("float16", "bfloat16", "float32")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class SettingError(ValueError):
@@ -70,7 +71,11 @@ class TrainConfig:
   accum: int = 1  # gradient accumulation: micro-batches per step
   # What trains, and in what precision.
   trainable: tuple[str, ...] = ("llm/layers/attn/.*",)  # regexes over "/"-joined param paths
-  frozen_dtype: str = "float16"
+  # The matmuls' dtype (both operands cast, float32 accumulation; layers.dot): "float32" is exact, big_vision's
+  # numerics; "auto" takes bfloat16 where the machine runs it faster (host.auto_compute_dtype says why);
+  # "float16" scales the loss (train.LossScale), for GPUs without bfloat16.
+  compute_dtype: str = "auto"
+  frozen_dtype: str | None = None  # None: bfloat16 or float16 under that compute dtype, else float16
   remat: str = "none"  # "full" or "dots" trade compute for memory (bench/README.md has the table)
   keep_final_softcap: bool = False  # big_vision's transfer sets Gemma 2's final soft cap to 0 ("better for transfer")
   # The data.
@@ -102,7 +107,9 @@ class TrainConfig:
         ("clip", self.clip, self.clip is None or (_is_real(self.clip) and self.clip > 0), "None or a finite number > 0"),
         ("accum", self.accum, _is_int(self.accum, 1), "an integer >= 1"),
         ("trainable", self.trainable, all(isinstance(p, str) for p in self.trainable), "a tuple of regexes"),
-        ("frozen_dtype", self.frozen_dtype, self.frozen_dtype in FROZEN_DTYPES, f"one of {FROZEN_DTYPES}"),
+        ("compute_dtype", self.compute_dtype, self.compute_dtype in COMPUTE_DTYPES, f"one of {COMPUTE_DTYPES}"),
+        ("frozen_dtype", self.frozen_dtype, self.frozen_dtype is None or self.frozen_dtype in FROZEN_DTYPES,
+         f"None or one of {FROZEN_DTYPES}"),
         ("remat", self.remat, self.remat in REMATS, f"one of {REMATS}"),
         ("max_len", self.max_len, _is_int(self.max_len, 1), "an integer >= 1"),
         ("truncate", self.truncate, self.truncate in ("error", "keep_eos"), "'error' or 'keep_eos'"),
@@ -123,6 +130,13 @@ class TrainConfig:
       except re.error as e:
         raise SettingError("trainable", f"pattern {pattern!r} is not a valid regular expression ({e})") from None
 
+  def frozen_dtype_for(self, compute_dtype: str) -> str:
+    """The frozen params' dtype: as set, else the compute dtype where it is 16-bit (a frozen weight already in
+    it is never cast at a dot), else float16 (half the memory of float32, and exact for a float16 checkpoint)."""
+    if self.frozen_dtype is not None:
+      return self.frozen_dtype
+    return compute_dtype if compute_dtype in ("bfloat16", "float16") else "float16"
+
   def lr_schedule(self) -> Callable[[int], float]:
     """The learning rate for steps 1..steps. big_vision's recipe (the PaliGemma notebook) builds its schedule
     over total_steps = TRAIN_STEPS + 1 and evaluates it at steps 1..TRAIN_STEPS, so the decay reaches 0 one
@@ -135,8 +149,10 @@ class TrainConfig:
     return json.loads(json.dumps({k: _jsonable(getattr(self, k)) for k in self.RESUME_FIELDS}))
 
   def model_config(self, cfg: PaliGemmaConfig) -> PaliGemmaConfig:
-    """The model config this run trains: `remat` applied, Gemma 2's final soft cap removed unless kept."""
-    cfg = dataclasses.replace(cfg, remat=self.remat)
+    """The model config this run trains: `remat` and the compute dtype ("auto" resolved for this machine)
+    applied, Gemma 2's final soft cap removed unless kept."""
+    from pgjax import host
+    cfg = dataclasses.replace(cfg, remat=self.remat).with_compute_dtype(host.resolve_compute_dtype(self.compute_dtype)[0])
     if cfg.llm.final_logits_softcap and not self.keep_final_softcap:
       cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, final_logits_softcap=0.0))
     return cfg
@@ -223,7 +239,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
   them aside. `mesh`: default all devices on the "data" axis. on_step(step, metrics) sees every step's
   host metrics, one step late. Raises loop.Diverged on a NaN/Inf loss (the last good checkpoint stays).
   """
-  from pgjax import checkpoint as ckpt_lib, data, evaluate, loop, progress, rundir, sharding
+  from pgjax import checkpoint as ckpt_lib, data, evaluate, host, loop, progress, rundir, sharding
   say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
   bar = (lambda *a, **k: None) if quiet else progress.callback
   train_rows, val_rows = _rows(train), _rows(val)
@@ -248,14 +264,15 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
       out = make_out_dir(out)
       stack.enter_context(rundir.hold(out))
     predicate = train_lib.make_predicate(list(tc.trainable))
-    frozen_dtype = jnp.dtype(tc.frozen_dtype)
+    frozen_dtype = jnp.dtype(tc.frozen_dtype_for(cfg.compute_dtype))
     # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint (by content: a copy
     # elsewhere is the same base, a file replaced at the same path is not) and the data.
     extra_state = {"base_checkpoint": ckpt_lib.fingerprint(checkpoint) if params is None else None,
                    "train_data": data_identity(train_rows)}
     identity = {**tc.resume_identity(), **extra_state}
     say(f"pgjax finetune: {len(train_rows)} train / {len(val_rows)} val examples; {jax.device_count()} device(s) "
-        f"{dict(mesh.shape)}; frozen params {frozen_dtype}, trainable float32; out {out}")
+        f"{dict(mesh.shape)}; matmuls in {cfg.compute_dtype} ({host.resolve_compute_dtype(tc.compute_dtype)[1]}); "
+        f"frozen params {frozen_dtype}, trainable float32; out {out}")
     point = None
     if out is not None and not resume:
       moved = rundir.set_aside(out)
@@ -345,6 +362,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
         **(summary_extra or {}), "checkpoint": checkpoint, "train_examples": len(train_rows),
         "val_examples": len(val_rows), "steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr,
         "schedule": tc.schedule, "optimizer": tc.optimizer.name, "trainable_params": n_train, "total_params": n_all,
+        "compute_dtype": cfg.compute_dtype, "compute_dtype_why": host.resolve_compute_dtype(tc.compute_dtype)[1],
         "train_seconds": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / max(len(history.steps), 1), 4),
         "final_loss": history.loss[-1] if history.loss else None, "devices": jax.device_count(),

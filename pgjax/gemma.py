@@ -10,12 +10,13 @@ GeGLU MLP with tanh GELU; logits through the tied embedding table.
 This is the reference model: one block, scanned over the checkpoint's stacked layers, for the
 teacher-forced forward (`forward`) and for new tokens against a KV cache (`forward_cached`). The block is
 built by `make_block` / `make_cached_block` from `LayerOps`, the three places where a layer's weights
-meet activations; `CHECKPOINT_OPS` reads the checkpoint's einsum weights. `pgjax/decode_view.py` runs
+meet activations; `checkpoint_ops` reads the checkpoint's einsum weights. `pgjax/decode_view.py` runs
 the same blocks over a copy of the weights laid out for decoding, with ops of its own.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -58,48 +59,46 @@ def embed(params: dict, tokens_BT, *, cfg: GemmaConfig):
 
 
 def logits(params: dict, x_BTD, *, cfg: GemmaConfig):
-  """Tied output head in float32, with Gemma 2's final soft cap when configured."""
-  table_VD = params["embedder"]["input_embedding"]
-  logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, table_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+  """Tied output head, float32 out, with Gemma 2's final soft cap when configured."""
+  logits_BTV = layers.dot("BTD,VD->BTV", x_BTD, params["embedder"]["input_embedding"], cfg.compute_dtype)
   return layers.softcap(logits_BTV, cfg.final_logits_softcap)
 
 
 # ------------------------------------------------------------------------------- the checkpoint's matmuls
 
 
-def _qkv(h_BTD, attn: dict, select=None):
+def _qkv(h_BTD, attn: dict, select=None, *, cd):
   """Queries (at the positions `select` keeps; all without it), keys and values everywhere, before RoPE."""
-  dt = h_BTD.dtype
   hq_BTD = h_BTD if select is None else select(h_BTD)
   if "qkv_einsum" in attn:
-    w_JNDH = attn["qkv_einsum"]["w"].astype(dt)
+    w_JNDH = attn["qkv_einsum"]["w"]
     if select is None:
-      q_BTNH, k_BTKH, v_BTKH = jnp.einsum("BTD,JNDH->JBTNH", h_BTD, w_JNDH)
+      q_BTNH, k_BTKH, v_BTKH = layers.dot("BTD,JNDH->JBTNH", h_BTD, w_JNDH, cd)
     else:
-      q_BTNH = jnp.einsum("BTD,NDH->BTNH", hq_BTD, w_JNDH[0])
-      k_BTKH, v_BTKH = jnp.einsum("BTD,JKDH->JBTKH", h_BTD, w_JNDH[1:])
+      q_BTNH = layers.dot("BTD,NDH->BTNH", hq_BTD, w_JNDH[0], cd)
+      k_BTKH, v_BTKH = layers.dot("BTD,JKDH->JBTKH", h_BTD, w_JNDH[1:], cd)
   else:
-    q_BTNH = jnp.einsum("BTD,NDH->BTNH", hq_BTD, attn["q_einsum"]["w"].astype(dt))
-    k_BTKH, v_BTKH = jnp.einsum("BTD,JKDH->JBTKH", h_BTD, attn["kv_einsum"]["w"].astype(dt))
+    q_BTNH = layers.dot("BTD,NDH->BTNH", hq_BTD, attn["q_einsum"]["w"], cd)
+    k_BTKH, v_BTKH = layers.dot("BTD,JKDH->JBTKH", h_BTD, attn["kv_einsum"]["w"], cd)
   return q_BTNH, k_BTKH, v_BTKH
 
 
-def _attn_out(enc_BTNH, attn: dict):
-  return jnp.einsum("BTNH,NHD->BTD", enc_BTNH, attn["attn_vec_einsum"]["w"].astype(enc_BTNH.dtype))
+def _attn_out(enc_BTNH, attn: dict, *, cd):
+  return layers.dot("BTNH,NHD->BTD", enc_BTNH, attn["attn_vec_einsum"]["w"], cd)
 
 
-def _mlp(h_BTD, mlp: dict):
-  dt = h_BTD.dtype
+def _mlp(h_BTD, mlp: dict, *, cd):
   # Two plain dots, not one "BTD,JDF->JBTF": XLA:CPU ran that as a transposed [2F, B T] product and
   # transposed it back inside the GELU's fusion (bench/README.md, "Why the code is laid out as it is").
-  gating_JDF = mlp["gating_einsum"].astype(dt)
-  gate_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, gating_JDF[0])
-  up_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, gating_JDF[1])
-  return jnp.einsum("BTF,FD->BTD", layers.gelu(gate_BTF) * up_BTF, mlp["linear"].astype(dt))
+  gating_JDF = mlp["gating_einsum"]
+  gate_BTF = layers.dot("BTD,DF->BTF", h_BTD, gating_JDF[0], cd)
+  up_BTF = layers.dot("BTD,DF->BTF", h_BTD, gating_JDF[1], cd)
+  return layers.dot("BTF,FD->BTD", layers.gelu(gate_BTF) * up_BTF, mlp["linear"], cd)
 
 
 class LayerOps(NamedTuple):
-  """Where a layer's weights meet activations (the rest of a block is the same for every layout).
+  """Where a layer's weights meet activations (the rest of a block is the same for every layout), each
+  through `layers.dot` in the config's compute dtype, float32 out.
 
   qkv(h_BTD, attn, select) -> (q_BTNH, k_BTKH, v_BTKH) before RoPE; q at the positions `select` keeps
   (a map [B, T, ...] -> [B, T', ...]; None: all), k and v everywhere.
@@ -111,7 +110,11 @@ class LayerOps(NamedTuple):
   mlp: Callable
 
 
-CHECKPOINT_OPS = LayerOps(_qkv, _attn_out, _mlp)
+def checkpoint_ops(cfg: GemmaConfig) -> LayerOps:
+  """The matmuls over the checkpoint's einsum weights."""
+  cd = cfg.compute_dtype
+  return LayerOps(functools.partial(_qkv, cd=cd), functools.partial(_attn_out, cd=cd),
+                  functools.partial(_mlp, cd=cd))
 
 
 # ------------------------------------------------------------------------------------------ the block
@@ -146,11 +149,14 @@ def _residual_block(x_BTD, p: dict, attend, mlp, *, cfg: GemmaConfig, select=Non
   return x_BTD + f_BTD, extra
 
 
-def make_block(positions_BT, mask_BTS, *, cfg: GemmaConfig, ops: LayerOps = CHECKPOINT_OPS, kv_dtype=None,
+def make_block(positions_BT, mask_BTS, *, cfg: GemmaConfig, ops: LayerOps | None = None, kv_dtype=None,
                return_kv: bool = False, return_attn: bool = False):
   """The teacher-forced block `block(x_BTD, p, select=None) -> (x_BTD, (kv, probs))` over every position:
   kv = (k_BTKH, v_BTKH) with return_kv, probs (B, K, G, T, S) with return_attn, else None. With `select`,
-  the block runs its queries, output projection and MLP at the selected positions only."""
+  the block runs its queries, output projection and MLP at the selected positions only. `ops`: the
+  layer's matmuls (`checkpoint_ops(cfg)` when None)."""
+  ops = checkpoint_ops(cfg) if ops is None else ops
+  cd = cfg.compute_dtype
 
   def block(x_BTD, p, select=None):
     def attend(h_BTD):
@@ -159,19 +165,21 @@ def make_block(positions_BT, mask_BTS, *, cfg: GemmaConfig, ops: LayerOps = CHEC
       q_BTNH, k_BTKH, v_BTKH = _rope_qkv(q_BTNH, k_BTKH, v_BTKH, q_positions_BT, positions_BT, cfg=cfg,
                                          kv_dtype=kv_dtype)
       q_mask_BTS = mask_BTS if select is None else select(mask_BTS)
-      enc_BTNH, probs = layers.attention(q_BTNH, k_BTKH, v_BTKH, q_mask_BTS, cap=cfg.attn_logits_softcap)
-      enc_BTNH = enc_BTNH.astype(x_BTD.dtype)
+      enc_BTNH, probs = layers.attention(q_BTNH, k_BTKH, v_BTKH, q_mask_BTS, cap=cfg.attn_logits_softcap,
+                                         compute_dtype=cd)
       ys = ((k_BTKH, v_BTKH) if return_kv else None, probs if return_attn else None)
       return ops.attn_out(enc_BTNH, p["attn"]), ys
     return _residual_block(x_BTD, p, attend, ops.mlp, cfg=cfg, select=select)
   return block
 
 
-def make_cached_block(positions_BT, valid_BS, *, cfg: GemmaConfig, ops: LayerOps = CHECKPOINT_OPS):
+def make_cached_block(positions_BT, valid_BS, *, cfg: GemmaConfig, ops: LayerOps | None = None):
   """The block for T new tokens against a layer's KV cache, `block(x_BTD, p, k_BSKH, v_BSKH) -> (x_BTD,
   (k_BTKH, v_BTKH))`: each new token sees the valid cache slots, and itself and the new tokens before it
   (causal); its keys and values come back in the cache's dtype for the caller to write."""
   causal_TT = jnp.tri(positions_BT.shape[1], dtype=bool)
+  ops = checkpoint_ops(cfg) if ops is None else ops
+  cd = cfg.compute_dtype
 
   def block(x_BTD, p, k_BSKH, v_BSKH):
     def attend(h_BTD):
@@ -179,14 +187,14 @@ def make_cached_block(positions_BT, valid_BS, *, cfg: GemmaConfig, ops: LayerOps
       q_BTNH, k_BTKH, v_BTKH = _rope_qkv(q_BTNH, k_BTKH, v_BTKH, positions_BT, positions_BT, cfg=cfg,
                                          kv_dtype=k_BSKH.dtype)
       cap = cfg.attn_logits_softcap
-      old_BKTGS = layers.attention_logits(q_BTNH, k_BSKH, cap=cap)
+      old_BKTGS = layers.attention_logits(q_BTNH, k_BSKH, cap=cap, compute_dtype=cd)
       old_BKTGS = jnp.where(valid_BS[:, None, None, None, :], old_BKTGS, layers.MASK_VALUE)
-      new_BKTGT = jnp.where(causal_TT[:, None, :], layers.attention_logits(q_BTNH, k_BTKH, cap=cap),
+      new_BKTGT = jnp.where(causal_TT[:, None, :], layers.attention_logits(q_BTNH, k_BTKH, cap=cap, compute_dtype=cd),
                             layers.MASK_VALUE)
       probs = jax.nn.softmax(jnp.concatenate([old_BKTGS, new_BKTGT], axis=-1), axis=-1)
       S = k_BSKH.shape[1]
-      enc_BTNH = (layers.attention_combine(probs[..., :S], v_BSKH).astype(x_BTD.dtype)
-                  + layers.attention_combine(probs[..., S:], v_BTKH).astype(x_BTD.dtype))
+      enc_BTNH = (layers.attention_combine(probs[..., :S], v_BSKH, cd)
+                  + layers.attention_combine(probs[..., S:], v_BTKH, cd))
       return ops.attn_out(enc_BTNH, p["attn"]), (k_BTKH, v_BTKH)
     return _residual_block(x_BTD, p, attend, ops.mlp, cfg=cfg)
   return block

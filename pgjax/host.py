@@ -1,5 +1,5 @@
-"""Process-level settings for the host: glibc's allocator, JAX's persistent compilation cache, and XLA:CPU's
-compile options for the train step.
+"""Process-level settings for the host: glibc's allocator, JAX's persistent compilation cache, XLA:CPU's
+compile options for the train step, and what compute dtype "auto" means on this machine.
 
 Nothing here imports jax at module level, so a program can call `tune_allocator()` first thing.
 
@@ -71,6 +71,67 @@ def compiler_options() -> dict:
   except Exception:  # noqa: BLE001 - XLA reports an unknown option as a runtime error of its own type
     return {}
   return dict(_CPU_COMPILER_OPTIONS)
+
+
+# "auto" takes bfloat16 on a CPU only where its bf16 dots beat float32's by this much: a CPU with AVX-512 BF16
+# but no AMX runs XLA's bf16 dots slower than float32 (bench/README.md has the figures), one with AMX 4-5x faster.
+AUTO_BF16_MIN_SPEEDUP = 1.25
+# NVIDIA GPUs from Ampere (compute capability 8.0: A100, A10G, L4, H100) have bf16 tensor cores; a T4 (7.5) or a
+# V100 (7.0) does not, and float16 there needs loss scaling, which "auto" never picks unasked.
+_GPU_BF16_CAPABILITY = 8.0
+
+
+@functools.cache
+def auto_compute_dtype() -> tuple[str, str]:
+  """(dtype, why) for compute dtype "auto": bfloat16 on TPUs and on GPUs with bf16 tensor cores; on a CPU,
+  bfloat16 where a probe (a jitted 1024^3 dot, both ways, a few times each; about a second, once per
+  process) finds its bf16 dots at least AUTO_BF16_MIN_SPEEDUP times float32's; float32 otherwise."""
+  import jax
+  device = jax.devices()[0]
+  if device.platform == "tpu":
+    return "bfloat16", f"a TPU ({device.device_kind})"
+  if device.platform == "gpu":
+    capability = getattr(device, "compute_capability", None)
+    try:
+      ok = capability is not None and float(capability) >= _GPU_BF16_CAPABILITY
+    except ValueError:
+      ok = False
+    kind = f"{device.device_kind}, compute capability {capability}"
+    return ("bfloat16", f"a GPU with bfloat16 ({kind})") if ok else ("float32", f"a GPU without bfloat16 ({kind})")
+  if device.platform != "cpu":
+    return "float32", f"an unknown platform {device.platform!r}"
+  speedup = cpu_bf16_speedup()
+  verdict = "bfloat16" if speedup >= AUTO_BF16_MIN_SPEEDUP else "float32"
+  return verdict, f"this CPU's bfloat16 dots ran {speedup:.2f}x float32's (bfloat16 from {AUTO_BF16_MIN_SPEEDUP}x)"
+
+
+def cpu_bf16_speedup(n: int = 1024, repeats: int = 5) -> float:
+  """float32's time over bfloat16's (inputs cast in the dot, float32 accumulation) for a jitted n^3 dot,
+  the best of `repeats` after a warm-up call each."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+
+  def best(f):
+    f(x, x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(x, x).block_until_ready()
+      times.append(time.perf_counter() - t)
+    return min(times)
+
+  f32 = jax.jit(lambda a, b: jnp.dot(a, b))
+  bf16 = jax.jit(lambda a, b: jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                      preferred_element_type=jnp.float32))
+  return best(f32) / best(bf16)
+
+
+def resolve_compute_dtype(name: str) -> tuple[str, str]:
+  """(dtype, why) for a compute-dtype setting: "auto" as `auto_compute_dtype` decides, anything else as asked."""
+  return auto_compute_dtype() if name == "auto" else (name, "asked for")
 
 
 def allocator_state() -> str:

@@ -15,6 +15,63 @@ import jax.numpy as jnp
 MASK_VALUE = -2.3819763e38
 
 
+def dot(spec: str, x, w, compute_dtype="float32"):
+  """The einsum `spec` of two operands, both cast to `compute_dtype`, accumulated and returned in float32.
+
+  This is where a weight meets an activation (and where attention's two activation dots run): every
+  matmul of both towers goes through it. In float32 it is a plain einsum, big_vision's numerics. In
+  bfloat16 or float16 its gradient is its own: JAX's autodiff of a low-precision dot with a float32
+  result runs the backward's two dots in float32, against a float32 cotangent, and the backward is two
+  thirds of a step's FLOPs; here the cotangent is cast to the compute dtype too, so both gradient dots run
+  at the low-precision rate, still accumulating in float32. Gradients come back in the operands' dtypes
+  (a float32 master weight gets a float32 gradient).
+  """
+  cd = jnp.dtype(compute_dtype)
+  if cd == jnp.float32:
+    return jnp.einsum(spec, x.astype(cd), w.astype(cd), preferred_element_type=jnp.float32)
+  return _low_precision_dot(spec, cd, x, w)
+
+
+def _einsum_f32(spec, a, b, cd):
+  return jnp.einsum(spec, a.astype(cd), b.astype(cd), preferred_element_type=jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _transposed_specs(spec: str) -> tuple[str, str]:
+  """The einsums of the two operands' gradients: for "xs,ws->ys", "ys,ws->xs" and "ys,xs->ws". Every letter
+  of an operand must appear in the other operand or the output (a letter summed over one operand alone has
+  no such transpose; no matmul here has one)."""
+  inputs, out = spec.replace(" ", "").split("->")
+  xs, ws = inputs.split(",")
+  for name, own, other in (("first", xs, ws), ("second", ws, xs)):
+    lone = set(own) - set(other) - set(out)
+    if lone:
+      raise ValueError(f"dot {spec!r}: {''.join(sorted(lone))} of the {name} operand is summed over it alone")
+  return f"{out},{ws}->{xs}", f"{out},{xs}->{ws}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_dot(spec, cd, x, w):
+  return _einsum_f32(spec, x, w, cd)
+
+
+def _low_precision_dot_fwd(spec, cd, x, w):
+  # The residuals are the operands as given (not their casts): under remat the cast is recomputed like
+  # every other view of a weight (`_RECOMPUTED_VIEWS`), and an activation costs what it costs in float32.
+  return _einsum_f32(spec, x, w, cd), (x, w)
+
+
+def _low_precision_dot_bwd(spec, cd, residuals, g_y):
+  x, w = residuals
+  dx_spec, dw_spec = _transposed_specs(spec)
+  g_x = _einsum_f32(dx_spec, g_y, w, cd).astype(x.dtype)
+  g_w = _einsum_f32(dw_spec, g_y, x, cd).astype(w.dtype)
+  return g_x, g_w
+
+
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
 def layer_norm(x, scale, bias, eps: float = 1e-6):
   """flax.linen.LayerNorm defaults, statistics in float32, result in x's dtype."""
   x32 = x.astype(jnp.float32)
@@ -50,7 +107,7 @@ def apply_rope(x_BTNH, positions_BT, max_wavelength: float = 10_000.0):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
 
 
-def attention_logits(q_BTNH, k_BSKH, *, cap: float = 0.0):
+def attention_logits(q_BTNH, k_BSKH, *, cap: float = 0.0, compute_dtype="float32"):
   """Grouped-query attention logits in float32, soft-capped (before masking, as the reference does).
 
   Query head n reads kv head n // G: big_vision groups query heads as (K G) with K outer. The result is
@@ -61,25 +118,25 @@ def attention_logits(q_BTNH, k_BSKH, *, cap: float = 0.0):
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKTGS = jnp.einsum("BTKGH,BSKH->BKTGS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  logits_BKTGS = dot("BTKGH,BSKH->BKTGS", q_BTKGH, k_BSKH, compute_dtype)
   return softcap(logits_BKTGS, cap)
 
 
-def attention_combine(probs_BKTGS, v_BSKH):
-  """Weighted sum of values for grouped heads; returns (B, T, N, H) in v's dtype."""
+def attention_combine(probs_BKTGS, v_BSKH, compute_dtype="float32"):
+  """Weighted sum of values for grouped heads; returns (B, T, N, H) in float32."""
   B, K, T, G, _ = probs_BKTGS.shape
-  enc_BTKGH = jnp.einsum("BKTGS,BSKH->BTKGH", probs_BKTGS.astype(v_BSKH.dtype), v_BSKH)
+  enc_BTKGH = dot("BKTGS,BSKH->BTKGH", probs_BKTGS, v_BSKH, compute_dtype)
   return enc_BTKGH.reshape(B, T, K * G, v_BSKH.shape[-1])
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, cap: float = 0.0):
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, cap: float = 0.0, compute_dtype="float32"):
   """Scaled-elsewhere dot-product attention. Returns (out_BTNH, probs_BKGTS); the probabilities are
   transposed to [B, K, G, T, S] for callers that inspect them (unused, the transpose is never computed)."""
-  logits_BKTGS = attention_logits(q_BTNH, k_BSKH, cap=cap)
+  logits_BKTGS = attention_logits(q_BTNH, k_BSKH, cap=cap, compute_dtype=compute_dtype)
   if mask_BTS is not None:
     logits_BKTGS = jnp.where(mask_BTS[:, None, :, None, :], logits_BKTGS, MASK_VALUE)
   probs_BKTGS = jax.nn.softmax(logits_BKTGS, axis=-1)
-  return attention_combine(probs_BKTGS, v_BSKH), jnp.swapaxes(probs_BKTGS, 2, 3)
+  return attention_combine(probs_BKTGS, v_BSKH, compute_dtype), jnp.swapaxes(probs_BKTGS, 2, 3)
 
 
 # Ops whose outputs the backward recomputes rather than keeps even without remat: in a block they make a

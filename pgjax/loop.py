@@ -109,7 +109,7 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
   num_steps, optimizer, eval_every = tc.steps, tc.optimizer, tc.eval_every
   save_every = tc.save_every or num_steps
   lr_schedule = tc.lr_schedule() if lr_schedule is None else lr_schedule
-  opt_state = optimizer.init(trainable)
+  opt_state = train.init_opt_state(optimizer, trainable, cfg)
   if mesh is not None:
     opt_state = _place_opt_state(opt_state, mesh)
   if train_step is None:
@@ -134,9 +134,12 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
 
   def report(step, metrics, t):
     m = {k: float(v) for k, v in metrics.items()}
-    if not np.isfinite(m["loss"]) or not np.isfinite(m["grad_norm"]):
+    # A step the float16 loss scale skipped has a non-finite gradient by design (and changed nothing).
+    if not np.isfinite(m["loss"]) or not (np.isfinite(m["grad_norm"]) or m.get("skipped")):
       raise Diverged(f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']}; stopping. The last good "
                      f"checkpoint ({rundir.latest(out_dir) if out_dir else 'none'}) is left in place.")
+    if not np.isfinite(m["grad_norm"]):  # a skipped step's: logged as null (JSON has no Infinity)
+      m["grad_norm"] = None
     history.steps.append(step)
     history.loss.append(m["loss"])
     history.grad_norm.append(m["grad_norm"])

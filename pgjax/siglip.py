@@ -46,44 +46,46 @@ def init(key, cfg: SigLIPConfig, out_dim: int) -> dict:
 
 
 def _block(x_BPD, p, *, cfg: SigLIPConfig, return_attn: bool):
-  dt = x_BPD.dtype
+  cd = cfg.compute_dtype
   mha = p["MultiHeadDotProductAttention_0"]
   h_BPD = layers.layer_norm(x_BPD, p["LayerNorm_0"]["scale"], p["LayerNorm_0"]["bias"])
   q_BPNH, k_BPNH, v_BPNH = (
-      jnp.einsum("BPD,DNH->BPNH", h_BPD, mha[n]["kernel"].astype(dt)) + mha[n]["bias"].astype(dt)
+      layers.dot("BPD,DNH->BPNH", h_BPD, mha[n]["kernel"], cd) + mha[n]["bias"].astype(jnp.float32)
       for n in ("query", "key", "value"))
-  q_BPNH = q_BPNH * jnp.asarray(cfg.head_dim ** -0.5, dt)
-  enc_BPNH, probs = layers.attention(q_BPNH, k_BPNH, v_BPNH)
+  q_BPNH = q_BPNH * cfg.head_dim ** -0.5
+  enc_BPNH, probs = layers.attention(q_BPNH, k_BPNH, v_BPNH, compute_dtype=cd)
   out = mha["out"]
-  x_BPD = x_BPD + jnp.einsum("BPNH,NHD->BPD", enc_BPNH, out["kernel"].astype(dt)) + out["bias"].astype(dt)
+  x_BPD = x_BPD + layers.dot("BPNH,NHD->BPD", enc_BPNH, out["kernel"], cd) + out["bias"].astype(jnp.float32)
 
   mlp = p["MlpBlock_0"]
   h_BPD = layers.layer_norm(x_BPD, p["LayerNorm_1"]["scale"], p["LayerNorm_1"]["bias"])
-  h_BPF = layers.gelu(jnp.einsum("BPD,DF->BPF", h_BPD, mlp["Dense_0"]["kernel"].astype(dt))
-                      + mlp["Dense_0"]["bias"].astype(dt))
-  x_BPD = x_BPD + jnp.einsum("BPF,FD->BPD", h_BPF, mlp["Dense_1"]["kernel"].astype(dt)) + mlp["Dense_1"]["bias"].astype(dt)
+  h_BPF = layers.gelu(layers.dot("BPD,DF->BPF", h_BPD, mlp["Dense_0"]["kernel"], cd)
+                      + mlp["Dense_0"]["bias"].astype(jnp.float32))
+  x_BPD = (x_BPD + layers.dot("BPF,FD->BPD", h_BPF, mlp["Dense_1"]["kernel"], cd)
+           + mlp["Dense_1"]["bias"].astype(jnp.float32))
   return x_BPD, (probs if return_attn else None)
 
 
 def forward(params: dict, image_BYXC, *, cfg: SigLIPConfig, remat: str = "none", return_attn: bool = False):
   """Encodes images to LLM-width tokens. Returns (zimg_BPE, aux) with aux["pre_logits"] before the head."""
-  dt = jnp.dtype(cfg.dtype_mm)
+  cd = cfg.compute_dtype
   _, Y, X, C = image_BYXC.shape
   p = cfg.patch_size
   if (Y, X) != (cfg.image_size, cfg.image_size) or C != 3:
     raise ValueError(f"expected images of shape (B, {cfg.image_size}, {cfg.image_size}, 3), got {image_BYXC.shape}")
   # A VALID conv with stride == kernel size is a matmul over non-overlapping patches (row-major y, x order).
-  patches_BypxqC = rearrange(image_BYXC.astype(dt), "B (y p) (x q) C -> B y p x q C", p=p, q=p)
+  # The residual stream is float32 whatever the compute dtype.
+  patches_BypxqC = rearrange(image_BYXC.astype(jnp.float32), "B (y p) (x q) C -> B y p x q C", p=p, q=p)
   emb = params["embedding"]
-  x_ByxD = jnp.einsum("BypxqC,pqCD->ByxD", patches_BypxqC, emb["kernel"].astype(dt)) + emb["bias"].astype(dt)
-  x_BPD = rearrange(x_ByxD, "B y x D -> B (y x) D") + params["pos_embedding"].astype(dt)
+  x_ByxD = layers.dot("BypxqC,pqCD->ByxD", patches_BypxqC, emb["kernel"], cd) + emb["bias"].astype(jnp.float32)
+  x_BPD = rearrange(x_ByxD, "B y x D -> B (y x) D") + params["pos_embedding"].astype(jnp.float32)
 
   enc = params["Transformer"]
   x_BPD, probs = layers.scan_layers(
       lambda x, lp: _block(x, lp, cfg=cfg, return_attn=return_attn), x_BPD, enc["encoderblock"], remat=remat)
   pre_logits_BPD = layers.layer_norm(x_BPD, enc["encoder_norm"]["scale"], enc["encoder_norm"]["bias"])
   head = params["head"]
-  zimg_BPE = jnp.einsum("BPD,DE->BPE", pre_logits_BPD, head["kernel"].astype(dt)) + head["bias"].astype(dt)
+  zimg_BPE = layers.dot("BPD,DE->BPE", pre_logits_BPD, head["kernel"], cd) + head["bias"].astype(jnp.float32)
   aux = {"pre_logits": pre_logits_BPD}
   if return_attn:
     aux["attn"] = probs  # (L, B, N, 1, P, P): layers.attention's K axis holds all N heads, G is 1

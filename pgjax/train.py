@@ -131,12 +131,15 @@ class Optimizer:
 # ------------------------------------------------------------------------------------------ train step
 
 
-def _loss_and_grads(trainable, frozen, batch, *, cfg, accum_steps):
+def _loss_and_grads(trainable, frozen, batch, *, cfg, accum_steps, scale=None):
+  """(loss, grads) of the batch; with `scale`, the gradients are those of loss * scale (loss scaling)."""
   def loss_of(tr, micro):
-    return loss_fn(merge(tr, frozen), micro, cfg=cfg)[0]
+    loss = loss_fn(merge(tr, frozen), micro, cfg=cfg)[0]
+    return loss if scale is None else loss * scale, loss
 
   if accum_steps == 1:
-    return jax.value_and_grad(loss_of)(trainable, batch)
+    (_, loss), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable, batch)
+    return loss, grads
   B = batch["text"].shape[0]
   if B % accum_steps:
     raise ValueError(f"batch size {B} is not a multiple of accum_steps {accum_steps}")
@@ -145,7 +148,7 @@ def _loss_and_grads(trainable, frozen, batch, *, cfg, accum_steps):
   micro = jax.tree.map(lambda x: x.reshape(B // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
   def body(acc, mb):
-    loss, grads = jax.value_and_grad(loss_of)(trainable, mb)
+    (_, loss), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable, mb)
     return jax.tree.map(jnp.add, acc, (loss, grads)), None
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
@@ -154,26 +157,84 @@ def _loss_and_grads(trainable, frozen, batch, *, cfg, accum_steps):
   return loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
 
 
-def _step(trainable, frozen, batch, lr, opt_state, *, cfg, optimizer, clip_norm, accum_steps):
-  loss, grads = _loss_and_grads(trainable, frozen, batch, cfg=cfg, accum_steps=accum_steps)
+# -------------------------------------------------------------------------------- float16 loss scaling
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossScale:
+  """Dynamic loss scaling for float16 compute (a GPU without bfloat16: T4, V100). The backward's
+  cotangents are cast to float16 at every dot, where gradients below 2^-24 would flush to zero; the loss is
+  multiplied by `scale` first and the float32 gradients divided by it after. A step whose gradients are
+  not finite is skipped (the params and the optimizer state stay as they were) and halves the scale; after
+  `growth_interval` good steps in a row it doubles. Its state rides in the optimizer state, so checkpoints
+  save it and a resume restores it."""
+
+  init_scale: float = 2.0 ** 15
+  growth_interval: int = 2000
+  factor: float = 2.0
+  min_scale: float = 1.0
+
+  def init(self) -> dict:
+    return {"scale": jnp.asarray(self.init_scale, jnp.float32), "good_steps": jnp.asarray(0, jnp.int32)}
+
+  def update(self, state: dict, finite) -> dict:
+    good = jnp.where(finite, state["good_steps"] + 1, 0)
+    grow = good >= self.growth_interval
+    scale = jnp.where(finite, jnp.where(grow, state["scale"] * self.factor, state["scale"]),
+                      jnp.maximum(state["scale"] / self.factor, self.min_scale))
+    return {"scale": scale, "good_steps": jnp.where(grow, 0, good).astype(jnp.int32)}
+
+
+def uses_loss_scale(cfg: PaliGemmaConfig) -> bool:
+  """float16 compute in either tower needs loss scaling; bfloat16 has float32's range and does not."""
+  return "float16" in (cfg.llm.compute_dtype, cfg.vision.compute_dtype)
+
+
+def init_opt_state(optimizer: "Optimizer", trainable, cfg: PaliGemmaConfig, loss_scale: "LossScale | None" = None):
+  """The state `make_train_step`'s step carries: the optimizer's, and with float16 compute the loss
+  scale's beside it ({"opt": ..., "loss_scale": ...})."""
+  state = optimizer.init(trainable)
+  if not uses_loss_scale(cfg):
+    return state
+  return {"opt": state, "loss_scale": (loss_scale or LossScale()).init()}
+
+
+def _step(trainable, frozen, batch, lr, opt_state, *, cfg, optimizer, clip_norm, accum_steps, loss_scale=None):
+  scaling = uses_loss_scale(cfg)
+  ls_state = opt_state["loss_scale"] if scaling else None
+  inner = opt_state["opt"] if scaling else opt_state
+  loss, grads = _loss_and_grads(trainable, frozen, batch, cfg=cfg, accum_steps=accum_steps,
+                                scale=ls_state["scale"] if scaling else None)
+  if scaling:
+    grads = jax.tree.map(lambda g: g / ls_state["scale"], grads)
   grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
   if clip_norm:
     grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip_norm / (grad_norm + 1e-12)), grads)
-  trainable, opt_state = optimizer.update(grads, opt_state, trainable, lr)
-  return trainable, opt_state, {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+  new_trainable, new_inner = optimizer.update(grads, inner, trainable, lr)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+  if not scaling:
+    return new_trainable, new_inner, metrics
+  finite = jnp.isfinite(grad_norm)  # one Inf or NaN anywhere makes the norm non-finite
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  metrics.update(loss_scale=ls_state["scale"], skipped=(~finite).astype(jnp.int32))
+  state = {"opt": keep(new_inner, inner), "loss_scale": (loss_scale or LossScale()).update(ls_state, finite)}
+  return keep(new_trainable, trainable), state, metrics
 
 
 def make_train_step(cfg: PaliGemmaConfig, *, optimizer: Optimizer = Optimizer(), clip_norm: float | None = None,
                     accum_steps: int = 1, mesh=None, trainable_shardings=None, frozen_shardings=None,
-                    opt_state_shardings=None):
+                    opt_state_shardings=None, loss_scale: LossScale | None = None):
   """The jitted step `(trainable, frozen, batch, lr, opt_state) -> (trainable, opt_state, metrics)`.
 
-  Compiled once; trainable params and optimizer state are donated. With a mesh, in/out shardings are
+  Compiled once; trainable params and optimizer state are donated; `init_opt_state` makes the first state.
+  The matmuls run in the config's compute dtype; with float16 the step scales the loss (`LossScale`, its
+  state in opt_state) and adds "loss_scale" and "skipped" to the metrics. With a mesh, in/out shardings are
   explicit: params as given (see sharding.param_shardings), the batch split over "data", scalars
   replicated. Remat of the blocks is `cfg.remat`.
   """
   from pgjax import host
-  step = functools.partial(_step, cfg=cfg, optimizer=optimizer, clip_norm=clip_norm, accum_steps=accum_steps)
+  step = functools.partial(_step, cfg=cfg, optimizer=optimizer, clip_norm=clip_norm, accum_steps=accum_steps,
+                           loss_scale=loss_scale)
   options = host.compiler_options()  # on CPU: the emitters that compile the step faster (bench/README.md)
   if mesh is None:
     return jax.jit(step, donate_argnums=(0, 4), compiler_options=options)
@@ -187,6 +248,9 @@ def make_train_step(cfg: PaliGemmaConfig, *, optimizer: Optimizer = Optimizer(),
 
 @functools.partial(jax.jit, static_argnames=("cfg", "clip_norm", "accum_steps"), donate_argnames=("trainable",))
 def _sgd_step(trainable, frozen, batch, lr, *, cfg, clip_norm, accum_steps):
+  if uses_loss_scale(cfg):  # a loss scale is state across steps: make_train_step carries it
+    raise ValueError("float16 compute needs loss scaling, whose state `train_step` does not carry; use "
+                     "make_train_step with init_opt_state")
   trainable, _, metrics = _step(trainable, frozen, batch, lr, None, cfg=cfg, optimizer=Optimizer(),
                                 clip_norm=clip_norm, accum_steps=accum_steps)
   return trainable, metrics

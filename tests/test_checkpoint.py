@@ -389,9 +389,9 @@ def test_infer_config_unknown_shapes():
                                                           num_kv_heads=1, head_dim=16, mlp_dim=128))
   assert checkpoint.infer_config_from_shapes(checkpoint.manifest(g1)) == g1
   got = checkpoint.infer_config_from_shapes(checkpoint.manifest(base), {"llm.final_logits_softcap": 0.0,
-                                                                        "vision.dtype_mm": "bfloat16"})
+                                                                        "vision.compute_dtype": "bfloat16"})
   assert got.llm.final_logits_softcap == 0.0 and got.llm.attn_logits_softcap == 50.0
-  assert got.vision.dtype_mm == "bfloat16"
+  assert got.vision.compute_dtype == "bfloat16"
   with pytest.raises(ValueError, match="read from the checkpoint's shapes"):
     checkpoint.infer_config_from_shapes(checkpoint.manifest(base), {"llm.width": 128})
   with pytest.raises(ValueError, match="bad override"):

@@ -203,14 +203,15 @@ def _scan_outputs(jaxpr):
           for eqn, _ in jaxpr_eqns(jaxpr) if eqn.primitive.name == "scan"]
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
-def test_backward_keeps_no_per_layer_copy_of_the_weights(remat):
+@pytest.mark.parametrize("remat,compute_dtype", [("none", "float32"), ("full", "float32"), ("dots", "float32"),
+                                                  ("none", "bfloat16"), ("full", "bfloat16")])
+def test_backward_keeps_no_per_layer_copy_of_the_weights(remat, compute_dtype):
   """What the layer scan hands its backward (its stacked outputs) holds activations, never a layer's weights:
   the backward reads them from the stacked params, which it has anyway, instead of a stacked copy of each
   layer's slice (or of its float32 cast). Checked on the traced step: no scan output of the LLM's layer
   count has the per-layer shape of a frozen weight (the MLP's; the trainable attention weights' per-layer
   shapes are those of their gradients, which the backward scan does output), in either dtype."""
-  cfg = dataclasses.replace(config.get("tiny-gemma1-mqa"), remat=remat)
+  cfg = dataclasses.replace(config.get("tiny-gemma1-mqa"), remat=remat).with_compute_dtype(compute_dtype)
   sds = jax.ShapeDtypeStruct
   params = jax.eval_shape(lambda k: paligemma.init(k, cfg), jax.random.key(0))
   trainable, frozen = jax.eval_shape(lambda p: train.split(p, frozen_dtype=jnp.float16), params)
