@@ -56,6 +56,23 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+# The CPU features that decide whether low-precision dots are fast (host.auto_compute_dtype probes the speed).
+CPU_DOT_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx_vnni", "avx512f", "avx2")
+
+
+def cpu_flags() -> list[str]:
+  """Which of CPU_DOT_FLAGS /proc/cpuinfo lists (empty where it cannot be read)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          have = set(line.split(":", 1)[1].split())
+          return [flag for flag in CPU_DOT_FLAGS if flag in have]
+  except OSError:
+    pass
+  return []
+
+
 def _cpu_snapshot():
   """(machine busy seconds, machine total seconds, CPU seconds of this process and its waited-for children),
   or None off Linux."""
@@ -86,7 +103,7 @@ def others_cpu_share() -> float | None:
 
 
 def machine() -> dict:
-  return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
+  return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
           "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
           "others_cpu_share": others_cpu_share(), "malloc_tunables": host.allocator_state()}
 

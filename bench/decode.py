@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+import contextlib
+
 import jax
 import numpy as np
 
@@ -30,9 +32,11 @@ class HFGenerate:
   """transformers `generate` with its KV cache: greedy, exactly `new_tokens` tokens (min = max, no eos),
   token_type_ids zeros over the prompt (one bidirectional block with the image), attention_mask ones."""
 
-  def __init__(self, model, dev, image, prompt, cfg, new_tokens):
+  def __init__(self, model, dev, image, prompt, cfg, new_tokens, autocast=None):
     import torch
     self.torch, self.model, self.M = torch, model, new_tokens
+    # autocast "bfloat16"/"float16": generate under torch.autocast, as transformers users run it.
+    self.autocast = (lambda: torch.autocast(dev.type, dtype=getattr(torch, autocast))) if autocast else None
     B = prompt.shape[0]
     ids = np.concatenate([np.full((B, cfg.num_image_tokens), cfg.llm.vocab_size), prompt], axis=1)
     self.inputs = {
@@ -44,12 +48,18 @@ class HFGenerate:
     self.sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
   def generate(self):
+    if self.autocast:
+      with self.autocast():
+        return self._generate()
+    return self._generate()
+
+  def _generate(self):
     out = self.model.generate(**self.inputs, do_sample=False, max_new_tokens=self.M, min_new_tokens=self.M,
                               eos_token_id=None, pad_token_id=0, use_cache=True)
     return out[:, self.inputs["input_ids"].shape[1]:].cpu().numpy()
 
   def prefill(self):
-    with self.torch.no_grad():
+    with self.torch.no_grad(), (self.autocast() if self.autocast else contextlib.nullcontext()):
       out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
     self.sync()
     return out
@@ -66,13 +76,18 @@ def main(argv=None):
   ap.add_argument("--precision", choices=["default", "highest"], default="default",
                   help="jax_default_matmul_precision; on GPUs 'default' lets float32 matmuls use TF32")
   ap.add_argument("--vs", choices=["hf"], default=None)
+  ap.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
+                  help="pgjax's matmul, view and cache dtype; with --vs hf, transformers generates under "
+                       "torch.autocast in it (float32: plain)")
   ap.add_argument("--decode-view", choices=["on", "off"], default="on",
                   help="decode over decode.make_view (a copy of the LLM's weights laid out for it), or the params")
   args = ap.parse_args(argv)
   if args.new_tokens < 2 or args.reps < 1:
     raise SystemExit("--new-tokens must be >= 2 and --reps >= 1")
   jax.config.update("jax_default_matmul_precision", None if args.precision == "default" else args.precision)
-  cfg = config.get(args.config)
+  compute_dtype, compute_why = host.resolve_compute_dtype(args.compute_dtype)
+  cfg = config.get(args.config).with_compute_dtype(compute_dtype)
+  autocast = None if compute_dtype == "float32" else compute_dtype
   M = args.new_tokens
   params = jax.jit(paligemma.init, static_argnums=1)(jax.random.key(0), cfg)
   view, decode_view_s = None, None
@@ -109,7 +124,7 @@ def main(argv=None):
     common.note(f"batch {B}: compiling")
     prefill_first_s, _ = common.timed(prefill)
     greedy_first_s, tokens = common.timed(greedy)
-    hf = HFGenerate(hf_model, hf_dev, image_np, prompt_np, cfg, M) if hf_model is not None else None
+    hf = HFGenerate(hf_model, hf_dev, image_np, prompt_np, cfg, M, autocast) if hf_model is not None else None
     for _ in range(args.warmup):
       prefill(), greedy()
       if hf:
@@ -147,7 +162,8 @@ def main(argv=None):
       })
     common.emit("decode", {"name": args.config, "batch": B, "image_tokens": cfg.num_image_tokens,
                            "prompt_len": args.prompt_len, "new_tokens": M, "eos": None, "dtype": "float32",
-                           "cache_dtype": "float32", "return_logits": False, "matmul_precision": args.precision,
+                           "compute_dtype": compute_dtype, "compute_dtype_why": compute_why, "hf_autocast": autocast,
+                           "cache_dtype": compute_dtype, "return_logits": False, "matmul_precision": args.precision,
                            "warmup": args.warmup, "vs": args.vs, "decode_view": args.decode_view == "on"},
                 extra_versions=versions, **figures)
 

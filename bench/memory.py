@@ -52,23 +52,26 @@ def fits(peak_bytes: float) -> dict:
   return out
 
 
-def measure(name: str, text_len: int, batch: int, remat: str) -> dict:
-  cfg = dataclasses.replace(config.get(name), remat=remat)
+def measure(name: str, text_len: int, batch: int, remat: str, compute_dtype: str = "float32") -> dict:
+  cfg = dataclasses.replace(config.get(name), remat=remat).with_compute_dtype(compute_dtype)
   sds = jax.ShapeDtypeStruct
   params = jax.eval_shape(lambda key: paligemma.init(key, cfg), jax.random.key(0))
-  trainable, frozen = jax.eval_shape(lambda p: train.split(p, frozen_dtype=jnp.float16), params)
+  frozen_dtype = "float16"  # as the recipe keeps them (TrainConfig.frozen_dtype), whatever the compute dtype
+  trainable, frozen = jax.eval_shape(lambda p: train.split(p, frozen_dtype=jnp.dtype(frozen_dtype)), params)
   s = cfg.vision.image_size
   batch_sds = {"image": sds((batch, s, s, 3), jnp.float32),
                **{k: sds((batch, text_len), jnp.int32) for k in ("text", "mask_ar", "mask_loss", "mask_input")}}
   step = train.make_train_step(cfg)
-  lower_s, lowered = common.timed(lambda: step.lower(trainable, frozen, batch_sds, sds((), jnp.float32), None))
+  opt_state = jax.eval_shape(lambda t: train.init_opt_state(train.Optimizer(), t, cfg), trainable)
+  lower_s, lowered = common.timed(lambda: step.lower(trainable, frozen, batch_sds, sds((), jnp.float32), opt_state))
   compile_s, compiled = common.timed(lowered.compile)
   ma = compiled.memory_analysis()
   arg, out, alias, temp = (int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
   peak = arg + out - alias + temp
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   return {"config": {"name": name, "batch": batch, "text_len": text_len, "remat": remat, "image_tokens":
-                     cfg.num_image_tokens, "frozen_dtype": "float16", "trainable_dtype": "float32"},
+                     cfg.num_image_tokens, "frozen_dtype": frozen_dtype, "trainable_dtype": "float32",
+                     "compute_dtype": compute_dtype},
           "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
           "generated_code_bytes": int(getattr(ma, "generated_code_size_in_bytes", 0)),
           "peak_bytes": peak, "peak_gib": peak / common.GiB, "trainable_bytes": nbytes(trainable),
@@ -78,6 +81,8 @@ def measure(name: str, text_len: int, batch: int, remat: str) -> dict:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--all", action="store_true", help="the full grid (tens of minutes on 2 cores)")
+  ap.add_argument("--compute-dtypes", default="float32",
+                  help="comma-separated: each case at each (float32, bfloat16, float16)")
   ap.add_argument("--config", action="append", help="preset(s) instead of the default subset")
   ap.add_argument("--batches", default="1,8,16", help="with --config or --all")
   ap.add_argument("--text-len", type=int, default=128, help="with --config")
@@ -93,16 +98,18 @@ def main(argv=None):
     cases = DEFAULT_CASES
   rows = []
   for name, text_len, batch, remat in cases:
-    common.note(f"compiling {name} text {text_len} batch {batch} remat {remat}")
-    rec = measure(name, text_len, batch, remat)
-    rows.append(common.emit("memory", rec.pop("config"), **rec))
+    for compute_dtype in args.compute_dtypes.split(","):
+      common.note(f"compiling {name} text {text_len} batch {batch} remat {remat} compute {compute_dtype}")
+      rec = measure(name, text_len, batch, remat, compute_dtype)
+      rows.append(common.emit("memory", rec.pop("config"), **rec))
   # The table: what fits, per case.
   devs = list(DEVICES)
-  head = f"{'config':<20} {'text':>4} {'batch':>5} {'remat':>5} {'peak GiB':>8} {'temp GiB':>8} {'compile s':>9}  "
+  head = f"{'config':<20} {'text':>4} {'batch':>5} {'remat':>5} {'compute':>8} {'peak GiB':>8} {'temp GiB':>8} {'compile s':>9}  "
   common.note("\n" + head + "  ".join(f"{d:>12}" for d in devs))
   for r in rows:
     c = r["config"]
-    common.note(f"{c['name']:<20} {c['text_len']:>4} {c['batch']:>5} {c['remat']:>5} {r['peak_gib']:>8.2f} "
+    common.note(f"{c['name']:<20} {c['text_len']:>4} {c['batch']:>5} {c['remat']:>5} {c['compute_dtype']:>8} "
+                f"{r['peak_gib']:>8.2f} "
                 f"{r['temp_bytes'] / common.GiB:>8.2f} {r['compile_s']:>9.1f}  "
                 + "  ".join(f"{r['fits'][d].replace(' (mem fraction .9)', '*'):>12}" for d in devs))
   common.note(f"fits: peak <= {DEFAULT_FRACTION:.0%} of device memory (JAX's default preallocation); "

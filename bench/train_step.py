@@ -124,8 +124,10 @@ class HFStep:
   per-example (big_vision) loss from HF's text logits, and p -= lr * g under no_grad. HF computes logits
   for every position, image slots included, as users run it."""
 
-  def __init__(self, params, cfg, batch, lr):
+  def __init__(self, params, cfg, batch, lr, autocast: str | None = None):
     torch = self.torch = common.torch_setup()
+    # autocast: "bfloat16" or "float16" runs the forward under torch.autocast, as transformers users do.
+    self.autocast = autocast
     # The tested npz -> transformers mapping lives with the parity tests; reuse it rather than keep a copy
     # that could drift from what the tests check.
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
@@ -146,7 +148,11 @@ class HFStep:
 
   def __call__(self) -> float:
     torch = self.torch
-    logits = self.model(**self.inputs).logits[:, self.P:].float()
+    if self.autocast:
+      with torch.autocast(self.dev.type, dtype=getattr(torch, self.autocast)):
+        logits = self.model(**self.inputs).logits[:, self.P:].float()
+    else:
+      logits = self.model(**self.inputs).logits[:, self.P:].float()
     nll = torch.logsumexp(logits, -1) - logits.gather(-1, self.targets[..., None])[..., 0]
     loss = ((nll * self.mask).sum(-1) / self.mask.sum(-1).clamp(min=1)).mean()
     loss.backward()
@@ -191,7 +197,11 @@ def main(argv=None):
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--precision", choices=["default", "highest"], default="default",
                   help="jax_default_matmul_precision; on GPUs 'default' lets float32 matmuls use TF32")
-  ap.add_argument("--vs", choices=["hf"], default=None, help="also time transformers, alternating with pgjax")
+  ap.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
+                  help="pgjax's matmul dtype (layers.dot); with --vs hf, transformers runs under torch.autocast "
+                       "in it (float32: plain)")
+  ap.add_argument("--vs", choices=["hf", "f32"], default=None,
+                  help="also time transformers (hf) or pgjax's own float32 step (f32), alternating with pgjax")
   ap.add_argument("--compile-cache", metavar="DIR", default=None,
                   help="JAX's persistent compilation cache, as the pgjax command keeps one: a second run with the "
                        "same DIR reports the first step of a run that loads its compiled step (default: none)")
@@ -206,6 +216,8 @@ def main(argv=None):
   cfg = config.get(args.config)
   if args.remat:
     cfg = dataclasses.replace(cfg, remat=args.remat)
+  compute_dtype, compute_why = host.resolve_compute_dtype(args.compute_dtype)
+  cfg32, cfg = cfg, cfg.with_compute_dtype(compute_dtype)
   params = jax.jit(paligemma.init, static_argnums=1)(jax.random.key(0), cfg)
   batch_np = make_batch(cfg, args.batch, args.text_len, args.prefix_len)
   batch = jax.device_put(batch_np)
@@ -217,18 +229,29 @@ def main(argv=None):
     common.note("building the transformers model")
     # From the weights pgjax trains with: with --frozen-dtype float16 the frozen ones rounded to it, then
     # float32 in transformers as in pgjax's matmuls, so both compute the same function.
-    hf = HFStep(jax.tree.map(lambda x: x.astype(jnp.float32), train.merge(trainable, frozen)), cfg, batch_np, args.lr)
+    hf = HFStep(jax.tree.map(lambda x: x.astype(jnp.float32), train.merge(trainable, frozen)), cfg, batch_np, args.lr,
+                autocast=None if compute_dtype == "float32" else compute_dtype)
+  elif args.vs == "f32":  # pgjax's own float32 step on the same weights, as its own donated copy
+    f32_trainable = jax.tree.map(jnp.copy, trainable)
+    f32_step = train.make_train_step(cfg32).lower(*shapes, None).compile()
+
+    def hf():  # the alternating partner, timed as transformers would be
+      nonlocal f32_trainable
+      f32_trainable, _, m = f32_step(f32_trainable, frozen, batch, lr, None)
+      return float(m["loss"])
   del params
 
   # Time to the first step = trace and lower + compile + the first run. The timed steps call the same
   # compiled executable (jit's own cache would hand back this one too).
   common.note(f"compiling ({args.config})")
-  lower_s, lowered = common.timed(lambda: train.make_train_step(cfg).lower(*shapes, None))
+  opt_state = train.init_opt_state(train.Optimizer(), trainable, cfg)  # float16: the loss scale
+  opt_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), opt_state)
+  lower_s, lowered = common.timed(lambda: train.make_train_step(cfg).lower(*shapes, opt_shapes))
   compile_s, step = common.timed(lowered.compile)
 
   def run():
-    nonlocal trainable
-    trainable, _, metrics = step(trainable, frozen, batch, lr, None)  # trainable is donated
+    nonlocal trainable, opt_state
+    trainable, opt_state, metrics = step(trainable, frozen, batch, lr, opt_state)  # both donated
     jax.block_until_ready((trainable, metrics))
     return metrics
 
@@ -242,7 +265,8 @@ def main(argv=None):
     for _ in range(args.warmup):
       hf()
 
-  common.note(f"timing {args.reps} steps" + (" alternating with transformers" if hf else ""))
+  partner = {"hf": "transformers", "f32": "pgjax's float32 step"}.get(args.vs)
+  common.note(f"timing {args.reps} steps" + (f" alternating with {partner}" if hf else ""))
   times, hf_times = [], []
   for _ in range(args.reps):
     times.append(common.timed(run)[0])
@@ -253,9 +277,12 @@ def main(argv=None):
   # Both count a scanned body once. The traced HLO has every matmul as a plain dot on any backend; the
   # compiled count depends on the backend's cost model (on GPUs it misses much of the matmul work).
   xla_flops, xla_compiled_flops = cost_flops(lowered), cost_flops(step)
-  # pgjax's matmuls run in float32 whatever the frozen dtype (weights are cast up to the float32 residual
-  # stream; the image tower computes in cfg.vision.dtype_mm, float32 in every preset).
-  precision = "f32" if jax.devices()[0].platform == "cpu" or args.precision == "highest" else "tf32"
+  # The peak of the dtype the matmuls run in (both operands cast to the compute dtype, whatever the frozen dtype):
+  # on a CPU the measured float32 rate (a bf16 peak is not measured: MFU against float32's says what bf16 gains).
+  if compute_dtype != "float32" and jax.devices()[0].platform != "cpu":
+    precision = {"bfloat16": "bf16", "float16": "f16"}[compute_dtype]
+  else:
+    precision = "f32" if jax.devices()[0].platform == "cpu" or args.precision == "highest" else "tf32"
   peak, peak_source = common.device_peak(precision)
   st = common.stats(times)
   med = st["median_s"]
@@ -289,7 +316,11 @@ def main(argv=None):
     parts["backward_s"] = parts["forward_backward_s"] - parts["forward_loss_s"]
     parts["update_and_rest_s"] = med - parts["forward_backward_s"]
   versions = ()
-  if hf is not None:
+  if args.vs == "f32":
+    fst = common.stats(hf_times)
+    figures.update({"f32": fst, "f32_loss_first_step": hf_loss_first,
+                    "f32_to_pgjax_step_ratio": fst["median_s"] / med})
+  elif hf is not None:
     hst = common.stats(hf_times)
     versions = ("torch", "transformers")
     figures.update({
@@ -303,6 +334,8 @@ def main(argv=None):
       "name": args.config, "batch": args.batch, "text_len": args.text_len, "prefix_len": args.prefix_len,
       "suffix_len": args.text_len - args.prefix_len, "image_size": cfg.vision.image_size,
       "image_tokens": cfg.num_image_tokens, "frozen_dtype": args.frozen_dtype, "trainable_dtype": "float32",
+      "compute_dtype": compute_dtype, "compute_dtype_asked": args.compute_dtype, "compute_dtype_why": compute_why,
+      "hf_autocast": (None if compute_dtype == "float32" else compute_dtype) if args.vs == "hf" else None,
       "remat": cfg.remat, "lr": args.lr, "matmul_precision": args.precision, "warmup": args.warmup,
       "vs": args.vs, "hf_loss": "big_vision per-example mean" if hf else None, "compile_cache": args.compile_cache}, extra_versions=versions, **figures)
 

@@ -312,7 +312,7 @@ def _parser():
   p.add_argument("--trainable", nargs="+", type=_regex, help="regexes of trainable params (default llm/layers/attn/.*)")
   _add_compute_dtype(p, default=None)
   p.add_argument("--frozen-dtype", choices=("float16", "bfloat16", "float32"),
-                 help="default: the compute dtype where it is 16-bit, else float16")
+                 help="default float16")
   p.add_argument("--remat", choices=("none", "full", "dots"), help="default none")
   p.add_argument("--max-len", type=_AT_LEAST_1, help="token sequence length (prefix + suffix + eos)")
   p.add_argument("--truncate", choices=("error", "keep_eos"), help="over-long examples: error (default) or cut "

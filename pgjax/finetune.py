@@ -75,7 +75,10 @@ class TrainConfig:
   # numerics; "auto" takes bfloat16 where the machine runs it faster (host.auto_compute_dtype says why);
   # "float16" scales the loss (train.LossScale), for GPUs without bfloat16.
   compute_dtype: str = "auto"
-  frozen_dtype: str | None = None  # None: bfloat16 or float16 under that compute dtype, else float16
+  # float16 under every compute dtype: a bfloat16 dot casts a float16 weight per layer inside the step (a view
+  # the backward recomputes), while weights stored in bfloat16 compiled on XLA:CPU to a 6.7 GiB larger step for
+  # the 3B (bench/README.md, "Compute dtype"); "bfloat16" or "float32" by choice.
+  frozen_dtype: str = "float16"
   remat: str = "none"  # "full" or "dots" trade compute for memory (bench/README.md has the table)
   keep_final_softcap: bool = False  # big_vision's transfer sets Gemma 2's final soft cap to 0 ("better for transfer")
   # The data.
@@ -108,8 +111,7 @@ class TrainConfig:
         ("accum", self.accum, _is_int(self.accum, 1), "an integer >= 1"),
         ("trainable", self.trainable, all(isinstance(p, str) for p in self.trainable), "a tuple of regexes"),
         ("compute_dtype", self.compute_dtype, self.compute_dtype in COMPUTE_DTYPES, f"one of {COMPUTE_DTYPES}"),
-        ("frozen_dtype", self.frozen_dtype, self.frozen_dtype is None or self.frozen_dtype in FROZEN_DTYPES,
-         f"None or one of {FROZEN_DTYPES}"),
+        ("frozen_dtype", self.frozen_dtype, self.frozen_dtype in FROZEN_DTYPES, f"one of {FROZEN_DTYPES}"),
         ("remat", self.remat, self.remat in REMATS, f"one of {REMATS}"),
         ("max_len", self.max_len, _is_int(self.max_len, 1), "an integer >= 1"),
         ("truncate", self.truncate, self.truncate in ("error", "keep_eos"), "'error' or 'keep_eos'"),
@@ -129,13 +131,6 @@ class TrainConfig:
         re.compile(pattern)
       except re.error as e:
         raise SettingError("trainable", f"pattern {pattern!r} is not a valid regular expression ({e})") from None
-
-  def frozen_dtype_for(self, compute_dtype: str) -> str:
-    """The frozen params' dtype: as set, else the compute dtype where it is 16-bit (a frozen weight already in
-    it is never cast at a dot), else float16 (half the memory of float32, and exact for a float16 checkpoint)."""
-    if self.frozen_dtype is not None:
-      return self.frozen_dtype
-    return compute_dtype if compute_dtype in ("bfloat16", "float16") else "float16"
 
   def lr_schedule(self) -> Callable[[int], float]:
     """The learning rate for steps 1..steps. big_vision's recipe (the PaliGemma notebook) builds its schedule
@@ -264,7 +259,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
       out = make_out_dir(out)
       stack.enter_context(rundir.hold(out))
     predicate = train_lib.make_predicate(list(tc.trainable))
-    frozen_dtype = jnp.dtype(tc.frozen_dtype_for(cfg.compute_dtype))
+    frozen_dtype = jnp.dtype(tc.frozen_dtype)
     # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint (by content: a copy
     # elsewhere is the same base, a file replaced at the same path is not) and the data.
     extra_state = {"base_checkpoint": ckpt_lib.fingerprint(checkpoint) if params is None else None,

@@ -82,6 +82,18 @@ def test_train_step():
 
 
 @pytest.mark.slow
+def test_train_step_in_bfloat16_against_its_float32_step():
+  (r,) = run("train_step.py", "--config", TINY, "--reps", "2", "--warmup", "0", "--batch", "2", "--text-len", "16",
+             "--prefix-len", "4", "--compute-dtype", "bfloat16", "--vs", "f32")
+  assert r["config"]["compute_dtype"] == "bfloat16" and r["config"]["compute_dtype_why"] == "asked for"
+  positive(r["step"]["median_s"], r["f32"]["median_s"], r["f32_to_pgjax_step_ratio"])
+  assert isinstance(r["machine"]["cpu_flags"], list)
+  # The same weights and batch: the first losses agree to bfloat16's rounding (u = 2^-8), not to float32's.
+  assert r["f32_loss_first_step"] == pytest.approx(r["loss_first_step"], rel=2.0 ** -8)
+  assert r["f32_loss_first_step"] != r["loss_first_step"]
+
+
+@pytest.mark.slow
 def test_decode():
   vs = ["--vs", "hf"] if _has_hf() else []
   records = run("decode.py", "--config", TINY, "--reps", "2", "--warmup", "0", "--new-tokens", "4",
@@ -99,15 +111,18 @@ def test_decode():
 
 @pytest.mark.slow
 def test_memory():
-  records = run("memory.py", "--config", TINY, "--batches", "2", "--text-len", "16", "--remat", "none,full")
-  assert [r["config"]["remat"] for r in records] == ["none", "full"]
+  records = run("memory.py", "--config", TINY, "--batches", "2", "--text-len", "16", "--remat", "none,full",
+                "--compute-dtypes", "float32,bfloat16")
+  assert [(r["config"]["remat"], r["config"]["compute_dtype"]) for r in records] == [
+      ("none", "float32"), ("none", "bfloat16"), ("full", "float32"), ("full", "bfloat16")]
+  assert all(r["config"]["frozen_dtype"] == "float16" for r in records)
   for r in records:
     positive(r["argument_bytes"], r["temp_bytes"], r["peak_bytes"], r["compile_s"])
     assert r["peak_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
     assert r["alias_bytes"] == r["trainable_bytes"]  # the trainable params are donated
     assert r["argument_bytes"] >= r["trainable_bytes"] + r["frozen_bytes"]
     assert set(r["fits"]) == {"T4-16GB", "A10G-24GB", "H100-80GB"}
-  none, full = records
+  none, _, full, _ = records
   assert full["temp_bytes"] < none["temp_bytes"]  # remat keeps fewer activations
 
 
