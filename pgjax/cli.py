@@ -263,7 +263,8 @@ def _regex(text):
 
 
 def _add_compute_dtype(p, default="auto"):
-  p.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default=default,
+  from pgjax import config  # TrainConfig's choices (finetune.COMPUTE_DTYPES) without importing jax to parse flags
+  p.add_argument("--compute-dtype", choices=("auto",) + config.COMPUTE_DTYPES, default=default,
                  help="the matmuls' dtype, accumulated in float32 (default auto: bfloat16 on TPUs, on GPUs with "
                       "bfloat16 and on CPUs where a probe finds it faster, else float32); float32 gives "
                       "big_vision's exact numerics; float16 (a T4, a V100) trains with loss scaling")

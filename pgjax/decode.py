@@ -130,7 +130,7 @@ def make_view(params, *, cfg: PaliGemmaConfig, dtype=None) -> dict:
   compute dtype, what the dots read, so the loop casts nothing), for as long as it lives. Without it
   (`decode_view=None`, the default) nothing extra is held.
   """
-  return _make_view(params["llm"], cfg=cfg.llm, dtype=jnp.dtype(dtype or cfg.llm.compute_dtype))
+  return _make_view(params["llm"], cfg=cfg.llm, dtype=None if dtype is None else jnp.dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "cache_dtype", "return_logits"))

@@ -35,13 +35,14 @@ from typing import Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
+from pgjax import config as config_lib
 from pgjax import train as train_lib
 from pgjax.config import PaliGemmaConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
 REMATS = ("none", "full", "dots")
 FROZEN_DTYPES = ("float16", "bfloat16", "float32")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto",) + config_lib.COMPUTE_DTYPES
 
 
 class SettingError(ValueError):
@@ -144,8 +145,8 @@ class TrainConfig:
     return json.loads(json.dumps({k: _jsonable(getattr(self, k)) for k in self.RESUME_FIELDS}))
 
   def model_config(self, cfg: PaliGemmaConfig) -> PaliGemmaConfig:
-    """The model config this run trains: `remat` and the compute dtype ("auto" resolved for this machine)
-    applied, Gemma 2's final soft cap removed unless kept."""
+    """The model config this run trains: `remat` and the compute dtype ("auto" resolved for this machine,
+    `host.resolve_compute_dtype`) applied, Gemma 2's final soft cap removed unless kept."""
     from pgjax import host
     cfg = dataclasses.replace(cfg, remat=self.remat).with_compute_dtype(host.resolve_compute_dtype(self.compute_dtype)[0])
     if cfg.llm.final_logits_softcap and not self.keep_final_softcap:
@@ -265,8 +266,9 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
     extra_state = {"base_checkpoint": ckpt_lib.fingerprint(checkpoint) if params is None else None,
                    "train_data": data_identity(train_rows)}
     identity = {**tc.resume_identity(), **extra_state}
+    compute_why = host.resolve_compute_dtype(tc.compute_dtype)[1]  # what model_config applied, and why
     say(f"pgjax finetune: {len(train_rows)} train / {len(val_rows)} val examples; {jax.device_count()} device(s) "
-        f"{dict(mesh.shape)}; matmuls in {cfg.compute_dtype} ({host.resolve_compute_dtype(tc.compute_dtype)[1]}); "
+        f"{dict(mesh.shape)}; matmuls in {cfg.compute_dtype} ({compute_why}); "
         f"frozen params {frozen_dtype}, trainable float32; out {out}")
     point = None
     if out is not None and not resume:
@@ -357,7 +359,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
         **(summary_extra or {}), "checkpoint": checkpoint, "train_examples": len(train_rows),
         "val_examples": len(val_rows), "steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr,
         "schedule": tc.schedule, "optimizer": tc.optimizer.name, "trainable_params": n_train, "total_params": n_all,
-        "compute_dtype": cfg.compute_dtype, "compute_dtype_why": host.resolve_compute_dtype(tc.compute_dtype)[1],
+        "compute_dtype": cfg.compute_dtype, "compute_dtype_why": compute_why,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / max(len(history.steps), 1), 4),
         "final_loss": history.loss[-1] if history.loss else None, "devices": jax.device_count(),
