@@ -1,4 +1,5 @@
-"""KV-cached greedy decoding: `prefill` + `decode_step`, and `greedy` running both in one jitted loop.
+"""KV-cached decoding: `prefill` + `decode_step`, and greedy decoding, sampling, best-of-n and beam search,
+each running both in one jitted loop; `filter_logits` and `Grammar` shape what may be chosen.
 
 Axes: see pgjax/__init__.py.
 
@@ -24,8 +25,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pgjax import decode_view, gemma, paligemma
+from pgjax.grammar import Grammar
 from pgjax.config import PaliGemmaConfig
 
 
@@ -133,9 +136,98 @@ def make_view(params, *, cfg: PaliGemmaConfig, dtype=None) -> dict:
   return _make_view(params["llm"], cfg=cfg.llm, dtype=None if dtype is None else jnp.dtype(dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "cache_dtype", "return_logits"))
-def _greedy(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, view, *, cfg, max_new_tokens,
-            eos_id, cache_dtype, return_logits):
+# ---------------------------------------------------------------------------------------------------
+# Choosing tokens: filters and constraints.
+
+
+def filter_logits(logits_BV, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+  """Logits -> the logits a sampler draws from, over the last axis; removed entries become -inf. Pure.
+
+  In this order: divide by `temperature` (> 0); `top_k` keeps the k largest and every entry tied with the
+  k-th; `top_p` keeps the nucleus of what is left, by big_vision's rule: sorted descending, the tokens
+  before the cumulative softmax reaches p, the one that reaches it, and every token tied with that one's
+  logit (a rule on values, not positions). top_p >= 1 or None keeps everything; a p at or below the top
+  probability keeps the argmax and its ties. top_k None (or >= V) keeps everything.
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0 to filter (0 is greedy decoding), got {temperature}")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
+  if top_p is not None and not top_p > 0:
+    raise ValueError(f"top_p must be > 0 (or None), got {top_p}")
+  x_BV = jnp.asarray(logits_BV, jnp.float32) / temperature
+  V = x_BV.shape[-1]
+  if top_k is not None and top_k < V:
+    kth_B1 = jax.lax.top_k(x_BV, top_k)[0][..., -1:]
+    x_BV = jnp.where(x_BV >= kth_B1, x_BV, -jnp.inf)
+  if top_p is not None and top_p < 1:
+    sorted_BV = -jnp.sort(-x_BV, axis=-1)
+    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    # The number of sorted tokens whose cumulative mass is below p is the index of the one that reaches
+    # it; rounding can leave the total just under a p close to 1, hence the clip (keeps everything).
+    reach_B1 = jnp.minimum(jnp.sum(cum_BV < top_p, axis=-1, keepdims=True), V - 1)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, reach_B1, axis=-1)
+    x_BV = jnp.where(x_BV >= cutoff_B1, x_BV, -jnp.inf)
+  return x_BV
+
+
+def _forbid_mask(forbid, V: int):
+  if forbid is None:
+    return None
+  ids = np.asarray(list(forbid), np.int64).reshape(-1)
+  if ids.size and (ids.min() < 0 or ids.max() >= V):
+    raise ValueError(f"forbid holds token ids outside the vocabulary [0, {V}): {sorted(set(ids[(ids < 0) | (ids >= V)].tolist()))}")
+  return jnp.zeros((V,), bool).at[ids].set(True)
+
+
+def _check_grammar(grammar, V: int):
+  if grammar is None:
+    return None
+  if grammar.class_V.shape != (V,):
+    raise ValueError(f"grammar.class_V has shape {tuple(grammar.class_V.shape)}, the model's vocabulary is {V}")
+  return Grammar(jnp.asarray(grammar.class_V, jnp.int32), jnp.asarray(grammar.next_QC, jnp.int32))
+
+
+def _constrain(x_BV, forbid_V, grammar, state_B):
+  """Sets the tokens `forbid_V` lists, and those the grammar does not allow in each row's state, to -inf."""
+  if forbid_V is not None:
+    x_BV = jnp.where(forbid_V, -jnp.inf, x_BV)
+  if grammar is not None:
+    allowed_BV = grammar.next_QC[state_B][:, grammar.class_V] >= 0
+    x_BV = jnp.where(allowed_BV, x_BV, -jnp.inf)
+  return x_BV
+
+
+def _advance(grammar, state_B, tok_B):
+  return None if grammar is None else grammar.next_QC[state_B, grammar.class_V[tok_B]]
+
+
+def _logp_at(logits_BV, tok_B):
+  """log_softmax of the raw logits at the chosen tokens: no temperature, filter or constraint."""
+  return jnp.take_along_axis(logits_BV, tok_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_BV, axis=-1)
+
+
+def _row_keys(key, B: int):
+  """A key per row: `key` itself when it is [B] keys, else fold_in(key, row). Row b's draws depend on its key
+  alone, so padding rows added after it change nothing."""
+  key = jnp.asarray(key)
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
+  if key.shape == ():
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B))
+  if key.shape != (B,):
+    raise ValueError(f"key must be one key or {B} keys (one per row), got shape {key.shape}")
+  return key
+
+
+# ---------------------------------------------------------------------------------------------------
+# One token loop for greedy decoding and sampling.
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "cache_dtype", "return_logits",
+                                             "return_logp", "sampling"))
+def _generate(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, view, keys_B, forbid_V, grammar,
+              *, cfg, max_new_tokens, eos_id, cache_dtype, return_logits, return_logp, sampling):
   B, M = prompt_BT.shape[0], max_new_tokens
   T = cfg.num_image_tokens + prompt_BT.shape[1]
   logits_BV, cache = _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, view, cfg=cfg,
@@ -143,40 +235,82 @@ def _greedy(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, v
   V = logits_BV.shape[-1]
   is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
 
-  def record(t, tok_B, logits_BV, tokens_BM, logits_BMV, done_B):
-    tokens_BM = tokens_BM.at[:, t].set(tok_B)
+  def choose(t, logits_BV, gstate_B):
+    x_BV = _constrain(logits_BV, forbid_V, grammar, gstate_B)
+    if sampling is None:  # greedy: the argmax, ties to the lowest id
+      return jnp.argmax(x_BV, axis=-1).astype(jnp.int32)
+    f_BV = filter_logits(x_BV, *sampling)
+    draw = lambda key, f_V: jax.random.categorical(jax.random.fold_in(key, t), f_V)  # noqa: E731
+    return jax.vmap(draw)(keys_B, f_BV).astype(jnp.int32)
+
+  def record(s, t, tok_B, logits_BV):
+    s = dict(s, tok_B=tok_B, tokens_BM=s["tokens_BM"].at[:, t].set(tok_B), done_B=s["done_B"] | is_eos(tok_B))
     if return_logits:
-      logits_BMV = logits_BMV.at[:, t].set(logits_BV)
-    return tokens_BM, logits_BMV, done_B | is_eos(tok_B)
+      s["logits_BMV"] = s["logits_BMV"].at[:, t].set(logits_BV)
+    if return_logp:
+      s["logp_BM"] = s["logp_BM"].at[:, t].set(_logp_at(logits_BV, tok_B))
+    if grammar is not None:
+      s["gstate_B"] = _advance(grammar, s["gstate_B"], tok_B)
+    return s
 
-  tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BMV = jnp.zeros((B, M, V) if return_logits else (B, 0, V), jnp.float32)
-  state = (1, tok_B, *record(0, tok_B, logits_BV, jnp.zeros((B, M), jnp.int32), logits_BMV, ~valid_B), cache)
+  s = {"t": jnp.asarray(1), "tokens_BM": jnp.zeros((B, M), jnp.int32), "done_B": ~valid_B, "cache": cache}
+  if return_logits:
+    s["logits_BMV"] = jnp.zeros((B, M, V), jnp.float32)
+  if return_logp:
+    s["logp_BM"] = jnp.zeros((B, M), jnp.float32)
+  if grammar is not None:
+    s["gstate_B"] = jnp.zeros((B,), jnp.int32)
+  s = record(s, 0, choose(0, logits_BV, s.get("gstate_B")), logits_BV)
 
-  def cond(state):
-    t, _, _, _, done_B, _ = state
-    return (t < M) & ~jnp.all(done_B)
+  def cond(s):
+    return (s["t"] < M) & ~jnp.all(s["done_B"])
 
-  def body(state):
-    t, tok_B, tokens_BM, logits_BMV, done_B, cache = state
-    logits_BV, cache = _decode_step(params, tok_B, cache, view, cfg=cfg)
-    tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    return (t + 1, tok_B, *record(t, tok_B, logits_BV, tokens_BM, logits_BMV, done_B), cache)
+  def body(s):
+    t = s["t"]
+    logits_BV, cache = _decode_step(params, s["tok_B"], s["cache"], view, cfg=cfg)
+    s = record(dict(s, cache=cache, t=t + 1), t, choose(t, logits_BV, s.get("gstate_B")), logits_BV)
+    return s
 
-  steps, _, tokens_BM, logits_BMV, _, _ = jax.lax.while_loop(cond, body, state)
+  s = jax.lax.while_loop(cond, body, s)
   # Cut each row after its first eos; slots past the early stop stay zero.
+  steps, tokens_BM = s["t"], s["tokens_BM"]
   eos_BM = is_eos(tokens_BM)
   keep_BM = ((jnp.cumsum(eos_BM, axis=1) - eos_BM) == 0) & (jnp.arange(M) < steps) & valid_B[:, None]
-  tokens_BM = jnp.where(keep_BM, tokens_BM, 0)
+  out = {"tokens_BM": jnp.where(keep_BM, tokens_BM, 0),
+         "info": {"num_tokens": keep_BM.sum(1), "hit_eos": (eos_BM & keep_BM).any(1), "steps": steps}}
   if return_logits:
-    logits_BMV = jnp.where(keep_BM[..., None], logits_BMV, 0.0)
-  info = {"num_tokens": keep_BM.sum(1), "hit_eos": (eos_BM & keep_BM).any(1), "steps": steps}
-  return tokens_BM, logits_BMV, info
+    out["logits_BMV"] = jnp.where(keep_BM[..., None], s["logits_BMV"], 0.0)
+  if return_logp:
+    out["logp_BM"] = jnp.where(keep_BM, s["logp_BM"], 0.0)
+  return out
+
+
+def _inputs(prompt_BT, prompt_mask_input_BT, prompt_mask_ar_BT, valid_B, max_new_tokens):
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
+  valid_B = jnp.ones(prompt_BT.shape[:1], bool) if valid_B is None else jnp.asarray(valid_B, bool)
+  mask_ar_BT = None if prompt_mask_ar_BT is None else jnp.asarray(prompt_mask_ar_BT, jnp.int32)
+  return prompt_BT, jnp.asarray(prompt_mask_input_BT, bool), mask_ar_BT, valid_B
+
+
+def _run(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg, max_new_tokens, eos_id, prompt_mask_ar_BT,
+         valid_B, cache_dtype, decode_view, forbid, grammar, key=None, return_logits=False, return_logp=False,
+         sampling=None):
+  prompt_BT, mask_input_BT, mask_ar_BT, valid_B = _inputs(prompt_BT, prompt_mask_input_BT, prompt_mask_ar_BT,
+                                                          valid_B, max_new_tokens)
+  V = cfg.llm.vocab_size
+  keys_B = None if key is None else _row_keys(key, prompt_BT.shape[0])
+  return _generate(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, decode_view, keys_B,
+                   _forbid_mask(forbid, V), _check_grammar(grammar, V), cfg=cfg, max_new_tokens=max_new_tokens,
+                   eos_id=eos_id, cache_dtype=_cache_dtype(cache_dtype, cfg), return_logits=return_logits,
+                   return_logp=return_logp, sampling=sampling)
 
 
 def greedy(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, max_new_tokens: int,
            eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=None,
-           return_logits: bool = True, return_info: bool = False, decode_view: dict | None = None):
+           return_logits: bool = True, return_info: bool = False, decode_view: dict | None = None,
+           forbid=None, grammar: Grammar | None = None):
   """Greedy decoding of up to `max_new_tokens` per row, in one jitted `while_loop`.
 
   Stops early once every valid row has produced `eos_id` (None: never). Returns tokens [B, M] (zero
@@ -188,15 +322,176 @@ def greedy(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemm
   precision and bfloat16 halves the cache.
   `decode_view` (`make_view(params, cfg=cfg)`, made once): prefill and the token loop read the LLM's
   weights from it instead of the stacked params (see `make_view`).
+  `forbid`: token ids never to generate (big_vision's `mask_logits`). `grammar`: a `Grammar` the output must
+  follow. Both act on the choice only; the returned logits are the model's.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
-  if valid_B is None:
-    valid_B = jnp.ones(prompt_BT.shape[:1], bool)
-  tokens, logits, info = _greedy(params, image_BYXC, prompt_BT, jnp.asarray(prompt_mask_input_BT, bool),
-                                 None if prompt_mask_ar_BT is None else jnp.asarray(prompt_mask_ar_BT, jnp.int32),
-                                 jnp.asarray(valid_B, bool), decode_view, cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                                 cache_dtype=_cache_dtype(cache_dtype, cfg), return_logits=return_logits)
-  out = (tokens, logits if return_logits else None)
-  return (*out, info) if return_info else out
+  out = _run(params, image_BYXC, prompt_BT, prompt_mask_input_BT, cfg=cfg, max_new_tokens=max_new_tokens,
+             eos_id=eos_id, prompt_mask_ar_BT=prompt_mask_ar_BT, valid_B=valid_B, cache_dtype=cache_dtype,
+             decode_view=decode_view, forbid=forbid, grammar=grammar, return_logits=return_logits)
+  res = (out["tokens_BM"], out["logits_BMV"] if return_logits else None)
+  return (*res, out["info"]) if return_info else res
+
+
+def sample(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, key, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, eos_id: int | None = 1,
+           prompt_mask_ar_BT=None, valid_B=None, cache_dtype=None, decode_view: dict | None = None, forbid=None,
+           grammar: Grammar | None = None, return_info: bool = False):
+  """Samples up to `max_new_tokens` per row from `filter_logits(logits, temperature, top_k, top_p)`, in the
+  same single jitted loop as `greedy` (cache, decode view, padding rows, early stop, eos cut).
+
+  Returns tokens [B, M] and logp [B, M]: log_softmax of the raw logits at each chosen token (no temperature,
+  filter or constraint; 0 after the eos). Reproducible from `key`: one key (row b draws from fold_in(key, b),
+  step t from fold_in of that and t), or [B] keys, one per row. A row's tokens depend on its own key,
+  prompt and image alone, so padding rows added to a batch change nothing. temperature=0 is greedy decoding
+  (the argmax, whatever top_k and top_p say). `forbid`, `grammar`, return_info: as in `greedy`.
+  """
+  sampling = None if temperature == 0 else (float(temperature), top_k, top_p)
+  if sampling is not None:
+    filter_logits(jnp.zeros((1, 2)), *sampling)  # argument errors now, not inside the trace
+  out = _run(params, image_BYXC, prompt_BT, prompt_mask_input_BT, cfg=cfg, max_new_tokens=max_new_tokens,
+             eos_id=eos_id, prompt_mask_ar_BT=prompt_mask_ar_BT, valid_B=valid_B, cache_dtype=cache_dtype,
+             decode_view=decode_view, forbid=forbid, grammar=grammar, key=key, return_logp=True, sampling=sampling)
+  res = (out["tokens_BM"], out["logp_BM"])
+  return (*res, out["info"]) if return_info else res
+
+
+def best_of_n(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, key, n: int,
+              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+              eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=None,
+              decode_view: dict | None = None, forbid=None, grammar: Grammar | None = None,
+              return_info: bool = False):
+  """big_vision's best-of-n: n samples per row (`sample`, all n·B rows in one loop), keeping the one with the
+  highest summed log-prob up to and including its eos (ties: the first sample). Returns tokens [B, M] and
+  that score [B]; with return_info also num_tokens, hit_eos (of the kept sample) and steps. Sample j of row b
+  draws from fold_in(row b's key, j) (`sample` says what row b's key is)."""
+  if n < 1:
+    raise ValueError(f"n must be >= 1, got {n}")
+  prompt_BT, mask_input_BT, mask_ar_BT, valid_B = _inputs(prompt_BT, prompt_mask_input_BT, prompt_mask_ar_BT,
+                                                          valid_B, max_new_tokens)
+  B = prompt_BT.shape[0]
+  keys_B = _row_keys(key, B)
+  keys_F = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, jnp.arange(n)))(keys_B).reshape(B * n)
+  rep = lambda x: None if x is None else jnp.repeat(jnp.asarray(x), n, axis=0)  # noqa: E731 (row b's n copies adjacent)
+  tokens_FM, logp_FM, info = sample(params, rep(image_BYXC), rep(prompt_BT), rep(mask_input_BT), cfg=cfg, key=keys_F,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    eos_id=eos_id, prompt_mask_ar_BT=rep(mask_ar_BT), valid_B=rep(valid_B),
+                                    cache_dtype=cache_dtype, decode_view=decode_view, forbid=forbid, grammar=grammar,
+                                    return_info=True)
+  score_BN = logp_FM.sum(-1).reshape(B, n)
+  best_B = jnp.argmax(score_BN, axis=-1)
+  pick = lambda x: jnp.take_along_axis(x.reshape(B, n, *x.shape[1:]), best_B.reshape((B, 1) + (1,) * (x.ndim - 1)),  # noqa: E731
+                                       axis=1)[:, 0]
+  res = (pick(tokens_FM), jnp.max(score_BN, axis=-1))
+  info = {"num_tokens": pick(info["num_tokens"]), "hit_eos": pick(info["hit_eos"]), "steps": info["steps"]}
+  return (*res, info) if return_info else res
+
+
+# ---------------------------------------------------------------------------------------------------
+# Beam search.
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "beam_size", "max_new_tokens", "eos_id", "cache_dtype"))
+def _beam(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, view, forbid_V, grammar, *, cfg,
+          beam_size, max_new_tokens, eos_id, cache_dtype):
+  B, K, M = prompt_BT.shape[0], beam_size, max_new_tokens
+  T = cfg.num_image_tokens + prompt_BT.shape[1]
+  logits_BV, cache = _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, view, cfg=cfg,
+                              cache_size=T + M - 1, cache_dtype=cache_dtype)
+  V = logits_BV.shape[-1]
+  # The cache holds B·K rows, row b's beams at b·K ... b·K + K-1, each a copy of its prompt's.
+  cache = dict(cache, k=jnp.repeat(cache["k"], K, axis=1), v=jnp.repeat(cache["v"], K, axis=1),
+               valid=jnp.repeat(cache["valid"], K, axis=0), pos=jnp.repeat(cache["pos"], K, axis=0))
+
+  def logp_BKV(logits_FV, gstate_BK):
+    lp_FV = _constrain(jax.nn.log_softmax(logits_FV, axis=-1), forbid_V, grammar,
+                       None if gstate_BK is None else gstate_BK.reshape(-1))
+    return lp_FV.reshape(B, K, V)
+
+  def select(s, t, lp_BKV):
+    """One step of big_vision's beam search at token t, from each live beam's next-token log-probs."""
+    s = dict(s)
+    if eos_id is not None:
+      # Every live beam, finished here with eos, joins the best finished (old ones first: ties keep them).
+      fin_BJ = jnp.concatenate([s["fin_BK"], s["live_BK"] + lp_BKV[..., eos_id]], axis=1)
+      seq_BJM = jnp.concatenate([s["fin_BKM"], s["live_BKM"].at[:, :, t].set(eos_id)], axis=1)
+      s["fin_BK"], i_BK = jax.lax.top_k(fin_BJ, K)
+      s["fin_BKM"] = jnp.take_along_axis(seq_BJM, i_BK[..., None], axis=1)
+      lp_BKV = lp_BKV.at[..., eos_id].set(-jnp.inf)  # eos never continues a live beam
+    # Each live beam's top K+1 continuations, then the best K of those K·(K+1) (ties: lower beam, lower id).
+    top_BKJ, tok_BKJ = jax.lax.top_k(s["live_BK"][..., None] + lp_BKV, K + 1)
+    s["live_BK"], i_BK = jax.lax.top_k(top_BKJ.reshape(B, K * (K + 1)), K)
+    parent_BK = i_BK // (K + 1)
+    tok_BK = jnp.take_along_axis(tok_BKJ.reshape(B, K * (K + 1)), i_BK, axis=1)
+    s["live_BKM"] = jnp.take_along_axis(s["live_BKM"], parent_BK[..., None], axis=1).at[:, :, t].set(tok_BK)
+    if grammar is not None:
+      state_BK = jnp.take_along_axis(s["gstate_BK"], parent_BK, axis=1)
+      s["gstate_BK"] = _advance(grammar, state_BK.reshape(-1), tok_BK.reshape(-1)).reshape(B, K)
+    s["parent_BK"], s["t"] = parent_BK, t + 1
+    # Scores only fall, so a row is done once its best live beam is below its best finished one.
+    best_live_B = s["live_BK"].max(-1)
+    s["done_B"] = ~valid_B | (best_live_B < s["fin_BK"][:, 0]) | (best_live_B == -jnp.inf)
+    return s
+
+  s = {"live_BK": jnp.where(jnp.arange(K) == 0, 0.0, -jnp.inf) * jnp.ones((B, 1)),  # one live beam to start
+       "live_BKM": jnp.zeros((B, K, M), jnp.int32), "fin_BK": jnp.full((B, K), -jnp.inf),
+       "fin_BKM": jnp.zeros((B, K, M), jnp.int32), "cache": cache}
+  if grammar is not None:
+    s["gstate_BK"] = jnp.zeros((B, K), jnp.int32)
+  s = select(s, 0, logp_BKV(jnp.repeat(logits_BV, K, axis=0), s.get("gstate_BK")))
+
+  def cond(s):
+    return (s["t"] < M) & ~jnp.all(s["done_B"])
+
+  def body(s):
+    t = s["t"]
+    rows_F = (jnp.arange(B)[:, None] * K + s["parent_BK"]).reshape(-1)
+    # The beams' caches follow their parents (valid and pos are the same for every beam of a row).
+    cache = dict(s["cache"], k=s["cache"]["k"][:, rows_F], v=s["cache"]["v"][:, rows_F])
+    logits_FV, cache = _decode_step(params, s["live_BKM"][:, :, t - 1].reshape(-1), cache, view, cfg=cfg)
+    return select(dict(s, cache=cache), t, logp_BKV(logits_FV, s.get("gstate_BK")))
+
+  s = jax.lax.while_loop(cond, body, s)
+  # The best finished sequence; a row where none finished gets its best live beam (hit_eos False).
+  finished_B = s["fin_BK"][:, 0] > -jnp.inf
+  best_live_B = jnp.argmax(s["live_BK"], axis=-1)
+  live_BM = jnp.take_along_axis(s["live_BKM"], best_live_B[:, None, None], axis=1)[:, 0]
+  tokens_BM = jnp.where(valid_B[:, None], jnp.where(finished_B[:, None], s["fin_BKM"][:, 0], live_BM), 0)
+  score_B = jnp.where(finished_B, s["fin_BK"][:, 0], jnp.take_along_axis(s["live_BK"], best_live_B[:, None], 1)[:, 0])
+  eos_BM = (tokens_BM == eos_id) if eos_id is not None else jnp.zeros_like(tokens_BM, bool)
+  num_tokens_B = jnp.where(finished_B, jnp.argmax(eos_BM, axis=1) + 1, jnp.minimum(s["t"], M))
+  info = {"num_tokens": jnp.where(valid_B, num_tokens_B, 0), "hit_eos": finished_B & valid_B, "steps": s["t"]}
+  return tokens_BM, score_B, s["fin_BKM"], s["fin_BK"], info
+
+
+def beam_search(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, beam_size: int,
+                max_new_tokens: int, eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=None,
+                decode_view: dict | None = None, forbid=None, grammar: Grammar | None = None,
+                return_beams: bool = False, return_info: bool = False):
+  """big_vision's beam search, in one jitted loop over a cache of B·beam_size rows (reordered by a gather).
+
+  Scores are summed log-probs (log_softmax of the raw logits), eos included, with no length penalty. At every
+  step each live beam is also scored as finished with eos; live beams expand by their top beam_size+1 tokens,
+  eos excluded, and the best beam_size survive; a row stops once its best live beam scores below its best
+  finished sequence (scores only fall, so nothing live can beat it). Ties go to the lower beam and token id.
+
+  Returns tokens [B, M] (zeros after the eos) and score [B] of the best *finished* sequence: one that emitted
+  eos within max_new_tokens. A row where no beam finished (eos_id None, a limit too small, or constraints
+  that never allow eos) gets its best live beam at the limit and its summed log-prob instead, with hit_eos
+  False in the info, so an evaluation counts it as truncated rather than returning nothing as big_vision
+  does. return_beams adds the beam_size best finished sequences [B, K, M] and scores [B, K], best first
+  (-inf where fewer finished before the stop). beam_size=1 is greedy decoding. The other arguments are
+  `greedy`'s; `forbid` and `grammar` remove candidates, and never change a score.
+  """
+  if beam_size < 1:
+    raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+  if beam_size + 1 > cfg.llm.vocab_size:
+    raise ValueError(f"beam_size {beam_size} needs a vocabulary of more than {beam_size} tokens")
+  prompt_BT, mask_input_BT, mask_ar_BT, valid_B = _inputs(prompt_BT, prompt_mask_input_BT, prompt_mask_ar_BT,
+                                                          valid_B, max_new_tokens)
+  V = cfg.llm.vocab_size
+  tokens, score, beams, beam_scores, info = _beam(
+      params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, decode_view, _forbid_mask(forbid, V),
+      _check_grammar(grammar, V), cfg=cfg, beam_size=beam_size, max_new_tokens=max_new_tokens, eos_id=eos_id,
+      cache_dtype=_cache_dtype(cache_dtype, cfg))
+  res = (tokens, score) + ((beams, beam_scores) if return_beams else ())
+  return (*res, info) if return_info else res
