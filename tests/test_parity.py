@@ -121,3 +121,28 @@ def test_greedy_matches_hf_generate(name):
     ref_logits = torch.stack(out.logits, 1)[0].numpy()
     np.testing.assert_array_equal(np.asarray(tokens[b]), ref_tokens)
     close(step_logits[b], ref_logits)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma1-mqa", "tiny-gemma2-gqa"])
+def test_beam_search_matches_hf_beam_search_without_eos(name):
+  """Where the two definitions coincide. Without an eos both keep, at every step, the K best of the live beams'
+  K·V continuations by summed log-prob, and return the best at the length limit; with length_penalty=0.0
+  transformers' score is that plain sum. With an eos they differ: transformers finishes a beam only when eos
+  ranks among the top 2K candidates of the step and stops (early_stopping=True) once K beams finished, while
+  big_vision's search scores every live beam as finished at every step and stops when no live beam can beat
+  the best finished one."""
+  cfg, params, model = setup(name)
+  batch = prefix_lm_batch(cfg, [(5, 0), (3, 0), (7, 0)], 8, seed=3)
+  K, max_new = 3, 5
+  tokens, score = decode.beam_search(params, batch["image"], batch["text"], batch["mask_input"], cfg=cfg,
+                                     beam_size=K, max_new_tokens=max_new, eos_id=None)
+  for b in range(3):
+    n = int(batch["mask_input"][b].sum())
+    inp = hf_reference.inputs(batch["image"][b:b + 1], batch["text"][b:b + 1, :n], batch["mask_ar"][b:b + 1, :n], cfg)
+    inp.pop("position_ids")
+    with torch.no_grad():
+      out = model.generate(**inp, num_beams=K, length_penalty=0.0, do_sample=False, max_new_tokens=max_new,
+                           min_new_tokens=max_new, eos_token_id=None, pad_token_id=0, use_cache=True,
+                           output_scores=True, return_dict_in_generate=True)
+    np.testing.assert_array_equal(np.asarray(tokens[b]), out.sequences[0, -max_new:].numpy())
+    close(score[b:b + 1], out.sequences_scores.numpy())
