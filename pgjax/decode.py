@@ -21,6 +21,7 @@ params): a copy of the LLM's weights laid out for the token loop (why: pgjax/dec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -495,3 +496,88 @@ def beam_search(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: Pal
       cache_dtype=_cache_dtype(cache_dtype, cfg))
   res = (tokens, score) + ((beams, beam_scores) if return_beams else ())
   return (*res, info) if return_info else res
+
+
+# ---------------------------------------------------------------------------------------------------
+# One record of how to decode, for evaluation, the CLI and run summaries.
+
+MODES = ("greedy", "sample", "beam")
+CONSTRAINTS = ("detect", "segment")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How `generate` (and so `evaluate.predict`, `pgjax eval` and `pgjax predict`) chooses tokens.
+
+  mode "greedy"; "sample" (`sample`, or `best_of_n` with num_samples > 1: temperature, top_k, top_p, seed);
+  "beam" (`beam_search`: beam_size). forbid: token ids never generated. constrain: "detect" or "segment" keeps
+  the output in that task's `<loc>`/`<seg>` grammar (pgjax/grammar.py). An invalid field raises a ValueError
+  naming it.
+  """
+  mode: str = "greedy"
+  temperature: float = 1.0
+  top_k: int | None = None
+  top_p: float | None = None
+  beam_size: int = 4
+  num_samples: int = 1
+  seed: int = 0
+  forbid: tuple[int, ...] = ()
+  constrain: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "forbid", tuple(int(i) for i in self.forbid))
+    is_int = lambda v, lo: isinstance(v, int) and not isinstance(v, bool) and v >= lo  # noqa: E731
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)  # noqa: E731
+    checks = [
+        ("mode", self.mode in MODES, f"one of {MODES}"),
+        ("temperature", is_num(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0: greedy)"),
+        ("top_k", self.top_k is None or is_int(self.top_k, 1), "None or an integer >= 1"),
+        ("top_p", self.top_p is None or (is_num(self.top_p) and 0 < self.top_p <= 1), "None or a number in (0, 1]"),
+        ("beam_size", is_int(self.beam_size, 1), "an integer >= 1"),
+        ("num_samples", is_int(self.num_samples, 1), "an integer >= 1"),
+        ("seed", is_int(self.seed, 0), "an integer >= 0"),
+        ("constrain", self.constrain is None or self.constrain in CONSTRAINTS, f"None or one of {CONSTRAINTS}"),
+    ]
+    for name, ok, need in checks:
+      if not ok:
+        raise ValueError(f"Decoding.{name} must be {need}, got {getattr(self, name)!r}")
+    if self.num_samples > 1 and self.mode != "sample":
+      raise ValueError(f"Decoding.num_samples={self.num_samples} needs mode 'sample' (best of n), not {self.mode!r}")
+
+  def describe(self) -> dict:
+    """The fields that matter for this mode, for logs, summaries and reports."""
+    keys = {"greedy": (), "sample": ("temperature", "top_k", "top_p", "num_samples", "seed"),
+            "beam": ("beam_size",)}[self.mode]
+    out = {"mode": self.mode, **{k: getattr(self, k) for k in keys}}
+    if self.forbid:
+      out["forbid"] = list(self.forbid)
+    if self.constrain:
+      out["constrain"] = self.constrain
+    return out
+
+
+def generate(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, decoding: Decoding,
+             max_new_tokens: int, eos_id: int | None = 1, key=None, valid_B=None, cache_dtype=None,
+             decode_view: dict | None = None, grammar: Grammar | None = None):
+  """Decodes as `decoding` says. Returns (tokens [B, M], info): info as `greedy`'s, plus score [B], the summed
+  log-prob of each row's tokens (eos included). key: for sampling, one key or [B] keys (None: the key of
+  decoding.seed). grammar: the one decoding.constrain names, built by the caller from its tokenizer."""
+  if decoding.constrain and grammar is None:
+    raise ValueError(f"decoding.constrain={decoding.constrain!r} needs its grammar: "
+                     f"grammar.for_task(tok, vocab_size, {decoding.constrain!r})")
+  kw = dict(cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, valid_B=valid_B, cache_dtype=cache_dtype,
+            decode_view=decode_view, forbid=decoding.forbid or None, grammar=grammar)
+  if decoding.mode == "beam":
+    tokens, score, info = beam_search(params, image_BYXC, prompt_BT, prompt_mask_input_BT,
+                                      beam_size=decoding.beam_size, return_info=True, **kw)
+    return tokens, dict(info, score=score)
+  key = jax.random.key(decoding.seed) if key is None else key
+  if decoding.mode == "sample" and decoding.num_samples > 1:
+    tokens, score, info = best_of_n(params, image_BYXC, prompt_BT, prompt_mask_input_BT, key=key,
+                                    n=decoding.num_samples, temperature=decoding.temperature, top_k=decoding.top_k,
+                                    top_p=decoding.top_p, return_info=True, **kw)
+    return tokens, dict(info, score=score)
+  temperature = 0.0 if decoding.mode == "greedy" else decoding.temperature
+  tokens, logp, info = sample(params, image_BYXC, prompt_BT, prompt_mask_input_BT, key=key, temperature=temperature,
+                              top_k=decoding.top_k, top_p=decoding.top_p, return_info=True, **kw)
+  return tokens, dict(info, score=logp.sum(-1))

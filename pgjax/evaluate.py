@@ -1,6 +1,6 @@
-"""Evaluation: batched greedy prediction over a dataset, task metrics, and PaliGemma's `<loc>` boxes.
+"""Evaluation: batched prediction over a dataset, task metrics, and PaliGemma's `<loc>` boxes.
 
-`predict` runs `decode.greedy` over fixed-shape batches: the last batch is padded by repeating its
+`predict` runs `decode.generate` (greedy by default; a `decode.Decoding` says otherwise) over fixed-shape batches: the last batch is padded by repeating its
 last example and the padding is flagged in `valid_B`, so there is one compilation per
 (batch_size, max_len, max_new_tokens) and padded rows neither delay the early stop nor get scored
 (the PaliGemma notebook's "pad the batch by repeating examples"). `score` turns predictions into task
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgjax import decode
+from pgjax import decode, grammar, train
 from pgjax.detection import (NUM_BINS, box_iou, detection_metrics, encode_detections,  # noqa: F401 (public)
                              match_detections, parse_detections)
 from pgjax.images import load_image, preprocess_image
@@ -91,14 +91,16 @@ def view_fits(params, cfg=None, *, headroom: float = 2.0) -> bool:
 
 def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len: int | None = None,
             max_new_tokens: int = 64, cache_dtype=None, decode_view: bool | None = None,
-            progress=None) -> list[dict]:
-  """Greedy predictions for every (image, prefix), in order, each exactly once.
+            progress=None, decoding: decode.Decoding | None = None) -> list[dict]:
+  """Predictions for every (image, prefix), in order, each exactly once.
 
   images: an array [N, H, W, 3] (float in [-1, 1] at the model's size, or uint8 of any size), a
   list of paths / arrays / PIL images, or a callable i -> one of those (to load lazily).
   max_len: prompt length in tokens (None: `prompt_len` of these prefixes).
-  Returns [dict(prediction, num_tokens, hit_eos)] with num_tokens counting the eos when there is one;
-  hit_eos False means the text was cut at max_new_tokens.
+  Returns [dict(prediction, num_tokens, hit_eos, score)] with num_tokens counting the eos when there is one;
+  hit_eos False means the text was cut at max_new_tokens; score is the summed log-prob of the tokens.
+  decoding: how tokens are chosen (None: greedy). Sampling draws example i from fold_in(key(seed), i), so
+  an example's text does not depend on the batch size or on the other examples.
   decode_view: decode over `decode.make_view`, made once for all batches (None: `view_fits(params, cfg)`).
   cache_dtype: the KV cache's (None: the compute dtype, see `decode.greedy`).
   progress: None, or called as progress(examples_done, N) as each batch's tokens arrive.
@@ -118,6 +120,9 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   if decode_view is None:
     decode_view = view_fits(params, cfg)
   view = decode.make_view(params, cfg=cfg) if decode_view else None
+  decoding = decode.Decoding() if decoding is None else decoding
+  constraint = grammar.for_task(tok, cfg.llm.vocab_size, decoding.constrain) if decoding.constrain else None
+  base_key = jax.random.key(decoding.seed)
 
   def make_batch(start):
     # The last batch repeats its last example: fixed shapes (one compilation), and padded rows are
@@ -126,14 +131,15 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
     ex = [tok.encode_example(prefixes[i], None, max_len=max_len) for i in idx]
     image = np.stack([_image(images(i) if callable(images) else images[i], size, i) for i in idx])
     return (image, np.stack([e["text"] for e in ex]), np.stack([e["mask_input"] for e in ex]),
-            np.arange(start, start + batch_size) < N)
+            np.arange(start, start + batch_size) < N, start)
 
   def launch(batch):
-    image, text, mask_input, valid = batch
-    tokens, _, info = decode.greedy(params, image, text, mask_input, cfg=cfg, max_new_tokens=max_new_tokens,
-                                    eos_id=tok.eos_id, valid_B=valid, cache_dtype=cache_dtype,
-                                    return_logits=False, return_info=True, decode_view=view)
-    return tokens, info["num_tokens"], info["hit_eos"], valid
+    image, text, mask_input, valid, start = batch
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, jnp.arange(start, start + batch_size))
+    tokens, info = decode.generate(params, image, text, mask_input, cfg=cfg, decoding=decoding,
+                                   max_new_tokens=max_new_tokens, eos_id=tok.eos_id, key=keys, valid_B=valid,
+                                   cache_dtype=cache_dtype, decode_view=view, grammar=constraint)
+    return tokens, info["num_tokens"], info["hit_eos"], info["score"], valid
 
   out, pending = [], None
   for start in range(0, N, batch_size):
@@ -153,10 +159,43 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
   return out
 
 
-def _collect(tok, tokens, num_tokens, hit_eos, valid):
-  tokens, num_tokens, hit_eos = jax.device_get((tokens, num_tokens, hit_eos))
+def _collect(tok, tokens, num_tokens, hit_eos, score, valid):
+  tokens, num_tokens, hit_eos, score = jax.device_get((tokens, num_tokens, hit_eos, score))
   return [dict(prediction=tok.decode(tokens[b, :num_tokens[b]]), num_tokens=int(num_tokens[b]),
-               hit_eos=bool(hit_eos[b])) for b in np.flatnonzero(valid)]
+               hit_eos=bool(hit_eos[b]), score=float(score[b])) for b in np.flatnonzero(valid)]
+
+
+def score_candidates(params, cfg, tok, images, prefixes, candidates, *, batch_size: int = 8,
+                     max_len: int | None = None) -> list[list[float]]:
+  """Scoring without generating: the log-likelihood of each candidate suffix (its tokens and the eos) given
+  the image and prefix, for multiple choice or ranking answers. candidates: one list of strings per example.
+  Returns one list of floats per example, in the candidates' order (the model's choice is the argmax).
+  Every (example, candidate) pair is one row of a teacher-forced forward (`train.suffix_logp`), batched in
+  fixed shapes (the last batch padded by repeating its last row). max_len: tokens per row (None: the longest
+  row, rounded up to a multiple of 8). images: as in `predict`."""
+  prefixes, candidates = list(prefixes), [list(c) for c in candidates]
+  if len(candidates) != len(prefixes) or (not callable(images) and len(images) != len(prefixes)):
+    raise ValueError(f"{len(prefixes)} prefixes, {len(candidates)} candidate lists and "
+                     f"{'some' if callable(images) else len(images)} images: one of each per example")
+  for i, c in enumerate(candidates):
+    if not c or not all(isinstance(x, str) for x in c):
+      raise ValueError(f"example {i}: candidates must be a non-empty list of strings, got {c!r}")
+  pairs = [(i, c) for i, cs in enumerate(candidates) for c in cs]
+  max_len = max_len or -(-max(tok.example_len(prefixes[i], c) for i, c in pairs) // 8) * 8
+  size, out = cfg.vision.image_size, []
+  batch_size = max(1, min(batch_size, len(pairs)))
+  for start in range(0, len(pairs), batch_size):
+    chunk = [pairs[min(j, len(pairs) - 1)] for j in range(start, start + batch_size)]
+    ex = [tok.encode_example(prefixes[i], c, max_len=max_len) for i, c in chunk]
+    batch = {k: np.stack([e[k] for e in ex]) for k in ("text", "mask_ar", "mask_loss")}
+    batch["image"] = np.stack([_image(images(i) if callable(images) else images[i], size, i) for i, _ in chunk])
+    logp_B, _ = train.suffix_logp(params, batch, cfg=cfg)
+    out += np.asarray(logp_B)[:min(batch_size, len(pairs) - start)].tolist()
+  scores, k = [], 0
+  for cs in candidates:
+    scores.append(out[k:k + len(cs)])
+    k += len(cs)
+  return scores
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,10 +283,11 @@ def score(rows, predictions, task: str | None = None) -> dict:
 
 def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int = 8,
              max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=None,
-             decode_view: bool | None = None, progress=None) -> dict:
+             decode_view: bool | None = None, progress=None, decoding: decode.Decoding | None = None) -> dict:
   """Predicts every row (dicts with "image" path or array, "prefix", and targets "suffix" and/or
   "answers" (VQA) / "references" (captions)) and scores it. Returns dict(metrics, predictions), the
-  predictions as `predict` gives them plus each row's "prefix". progress: as in `predict`."""
+  predictions as `predict` gives them plus each row's "prefix"; metrics["decoding"] records how they were
+  decoded (`decode.Decoding.describe`). progress, decoding: as in `predict`."""
   rows = list(rows)
   if not rows:
     raise ValueError("no rows to evaluate")
@@ -257,7 +297,9 @@ def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int
   _check(rows, task)  # a row without targets fails now, not after the decoding
   preds = predict(params, cfg, tok, [r["image"] for r in rows], [r["prefix"] for r in rows],
                   batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype,
-                  decode_view=decode_view, progress=progress)
+                  decode_view=decode_view, progress=progress, decoding=decoding)
   for r, p in zip(rows, preds):
     p["prefix"] = r["prefix"]
-  return {"metrics": score(rows, preds, task), "predictions": preds}
+  metrics = score(rows, preds, task)
+  metrics["decoding"] = (decoding or decode.Decoding()).describe()
+  return {"metrics": metrics, "predictions": preds}

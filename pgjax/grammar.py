@@ -7,7 +7,7 @@ log-probs stay the model's own.
 
 `for_task(tok, vocab_size, "detect" | "segment")` is PaliGemma's output format (pgjax/detection.py):
 
-    output  := eos | object (sep object)* eos
+    output  := eos | object (sep object)* eos      (allow_empty=False: no lone eos)
     object  := <loc>{4} label                  (detect)
              | <loc>{4} <seg>{16} label        (segment)
     label   := other* word (word | other)*     a word token holds a letter or digit; no ";" in a label
@@ -58,13 +58,16 @@ def token_classes(tok, vocab_size: int) -> np.ndarray:
       out[i] = SEG
     else:
       m = _BYTE.fullmatch(piece)
-      text = chr(int(m.group(1), 16)) if m else piece.replace("\u2581", " ")
+      # A byte piece is its byte's character when ASCII; others are pieces of a UTF-8 sequence (no letter alone).
+      text = (chr(int(m.group(1), 16)) if int(m.group(1), 16) < 128 else "") if m else piece.replace("\u2581", " ")
       out[i] = SEP if ";" in text else WORD if any(c.isalnum() for c in text) else OTHER
   return out
 
 
-def for_task(tok, vocab_size: int, task: str = "detect") -> Grammar:
-  """The grammar of a detection ("detect") or segmentation ("segment") output (module docstring)."""
+def for_task(tok, vocab_size: int, task: str = "detect", *, allow_empty: bool = True) -> Grammar:
+  """The grammar of a detection ("detect") or segmentation ("segment") output (module docstring).
+  allow_empty=False refuses the empty output (eos first): at least one object. Beam search wants this when
+  "nothing found" should not win only for being short."""
   if task not in ("detect", "segment"):
     raise ValueError(f"no output grammar for task {task!r}: use 'detect' or 'segment'")
   class_V = token_classes(tok, vocab_size)
@@ -82,7 +85,7 @@ def for_task(tok, vocab_size: int, task: str = "detect") -> Grammar:
   locs = [state() for _ in range(3)]           # after 1, 2, 3 locs
   segs = [state() for _ in range(16)] if task == "segment" else []  # after 4 locs and 0..15 segs
   label0, label, after_sep, done = state(), state(), state(), state()
-  rows[start].update(loc=locs[0], eos=done)
+  rows[start].update(loc=locs[0], **({"eos": done} if allow_empty else {}))
   for a, b in zip(locs, locs[1:] + [segs[0] if segs else label0]):
     rows[a]["loc"] = b
   for a, b in zip(segs, segs[1:] + [label0]):
@@ -106,4 +109,6 @@ def accepts(grammar: Grammar, ids) -> bool:
     q = int(grammar.next_QC[q, grammar.class_V[int(i)]])
     if q < 0:
       return False
+    if grammar.class_V[int(i)] == EOS:
+      return True
   return True

@@ -72,6 +72,13 @@ def loss_fn(params, batch, *, cfg: PaliGemmaConfig):
   A row with no supervised token would contribute 0: `check_batch` rejects such rows first.
   Returns (loss, loss_B).
   """
+  nll_BT, mask_BT = _target_nll(params, batch, cfg=cfg)
+  loss_B = jnp.sum(nll_BT * mask_BT, axis=-1) / jnp.maximum(jnp.sum(mask_BT, axis=-1), 1.0)
+  return jnp.mean(loss_B), loss_B
+
+
+def _target_nll(params, batch, *, cfg: PaliGemmaConfig):
+  """The NLL of each next text token [B, T-1] from one teacher-forced forward, and the loss mask [B, T-1]."""
   text_BT = batch["text"]
   _, aux = paligemma.forward(params, batch["image"], text_BT[:, :-1], batch["mask_ar"][:, :-1], cfg=cfg,
                              return_logits=False)
@@ -79,9 +86,19 @@ def loss_fn(params, batch, *, cfg: PaliGemmaConfig):
   targets_BT = text_BT[:, 1:]
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
   nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
-  mask_BT = batch["mask_loss"][:, 1:].astype(jnp.float32)
-  loss_B = jnp.sum(nll_BT * mask_BT, axis=-1) / jnp.maximum(jnp.sum(mask_BT, axis=-1), 1.0)
-  return jnp.mean(loss_B), loss_B
+  return nll_BT, batch["mask_loss"][:, 1:].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def suffix_logp(params, batch, *, cfg: PaliGemmaConfig):
+  """Scoring without generating: the log-likelihood of each row's suffix given its image and prefix, from one
+  teacher-forced forward with the loss's masking (the supervised tokens, eos included; prefix and padding
+  excluded). batch as for `loss_fn`. Returns (logp_B summed over the suffix, logp_BT per token: [B, T-1], the
+  log-prob of text[:, 1:], 0 outside the suffix). Ranking candidate answers or multiple choice is comparing
+  logp_B (`evaluate.score_candidates`)."""
+  nll_BT, mask_BT = _target_nll(params, batch, cfg=cfg)
+  logp_BT = jnp.where(mask_BT > 0, -nll_BT, 0.0)
+  return jnp.sum(logp_BT, axis=-1), logp_BT
 
 
 def check_batch(batch, names=None) -> None:

@@ -4,7 +4,10 @@ a row is: test_metrics.py.)"""
 
 import dataclasses
 import random
+import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -49,10 +52,19 @@ def _alone(cfg, params, tok, image, prefix, max_len):
   """One example decoded on its own (batch 1). The prompt keeps predict's length so that this compiles
   once; test_decode checks that right-padding a prompt changes nothing."""
   ex = tok.encode_example(prefix, None, max_len=max_len)
-  tokens, _, info = decode.greedy(params, image[None], ex["text"][None], ex["mask_input"][None], cfg=cfg,
-                                  max_new_tokens=MAX_NEW, eos_id=tok.eos_id, return_logits=False, return_info=True)
+  tokens, logits, info = decode.greedy(params, image[None], ex["text"][None], ex["mask_input"][None], cfg=cfg,
+                                       max_new_tokens=MAX_NEW, eos_id=tok.eos_id, return_info=True)
   k = int(info["num_tokens"][0])
-  return dict(prediction=tok.decode(np.asarray(tokens[0, :k])), num_tokens=k, hit_eos=bool(info["hit_eos"][0]))
+  lp = np.asarray(jax.nn.log_softmax(np.asarray(logits[0, :k], np.float64), axis=-1))
+  score = float(lp[np.arange(k), np.asarray(tokens[0, :k])].sum())  # the summed log-prob of the tokens
+  return dict(prediction=tok.decode(np.asarray(tokens[0, :k])), num_tokens=k, hit_eos=bool(info["hit_eos"][0]),
+              score=score)
+
+
+def same_prediction(got, want):
+  """Equal but for the score, which is float32 sums (batch and alone compile to other shapes): 64 eps32 of it."""
+  assert {k: v for k, v in got.items() if k != "score"} == {k: v for k, v in want.items() if k != "score"}
+  assert abs(got["score"] - want["score"]) <= 64 * 2 ** -23 * abs(want["score"]), (got, want)
 
 
 class _FakeDevice:
@@ -84,20 +96,20 @@ def test_view_fits_on_cpu_always_elsewhere_by_free_memory(monkeypatch):
 def test_padded_batches_predict_each_example_once_as_if_alone(model):
   cfg, params, tok = model
   images = _images(cfg, len(PREFIXES))
-  before = decode._greedy._cache_size()
+  before = decode._generate._cache_size()
   preds = evaluate.predict(params, cfg, tok, images, PREFIXES, **KW)
   # Three batches (2, 2, 1 + padding) of one shape: at most one compilation (none if cached already),
   # and none for another dataset size.
-  assert decode._greedy._cache_size() - before <= 1
+  assert decode._generate._cache_size() - before <= 1
   again = evaluate.predict(params, cfg, tok, images[:3], PREFIXES[:3], max_len=evaluate.prompt_len(tok, PREFIXES), **KW)
-  assert decode._greedy._cache_size() - before <= 1
+  assert decode._generate._cache_size() - before <= 1
   assert again == preds[:3]
   assert len(preds) == len(PREFIXES)
   # The model is varied enough for this to mean something: distinct texts, some rows cut at the limit.
   assert len({p["prediction"] for p in preds}) >= 3 and {p["hit_eos"] for p in preds} == {True, False}
   max_len = evaluate.prompt_len(tok, PREFIXES)
   for i, (image, prefix) in enumerate(zip(images, PREFIXES)):
-    assert preds[i] == _alone(cfg, params, tok, image, prefix, max_len), i
+    same_prediction(preds[i], _alone(cfg, params, tok, image, prefix, max_len))
 
 
 def test_predict_accepts_paths_uint8_and_a_loader(model, tmp_path):
@@ -264,3 +276,82 @@ def test_a_forced_task_scores_against_the_list_a_row_has(task, key, expected):
 def test_predict_of_nothing_is_nothing(model):
   cfg, params, tok = model
   assert evaluate.predict(params, cfg, tok, [], []) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Other decodings through predict, constrained outputs and scoring candidates.
+
+
+def test_sampled_predictions_do_not_depend_on_the_batch_and_beam_runs_row_by_row(model):
+  cfg, params, tok = model
+  images = _images(cfg, len(PREFIXES))
+  sampled = decode.Decoding(mode="sample", temperature=1.5, top_p=0.9, seed=4)
+  a = evaluate.predict(params, cfg, tok, images, PREFIXES, decoding=sampled, **KW)
+  b = evaluate.predict(params, cfg, tok, images, PREFIXES, decoding=sampled, **dict(KW, batch_size=3))
+  # The same texts whatever the batching (example i draws from fold_in(key(seed), i)); scores to float32.
+  for x, y in zip(a, b):
+    same_prediction(x, y)
+  other = evaluate.predict(params, cfg, tok, images, PREFIXES, decoding=dataclasses.replace(sampled, seed=5), **KW)
+  assert [p["prediction"] for p in other] != [p["prediction"] for p in a]
+  beam = decode.Decoding(mode="beam", beam_size=3)
+  preds = evaluate.predict(params, cfg, tok, images, PREFIXES, decoding=beam, **KW)
+  max_len = evaluate.prompt_len(tok, PREFIXES)
+  for i, p in enumerate(preds):
+    ex = tok.encode_example(PREFIXES[i], None, max_len=max_len)
+    tokens, score, info = decode.beam_search(params, images[i:i + 1], ex["text"][None], ex["mask_input"][None],
+                                             cfg=cfg, beam_size=3, max_new_tokens=MAX_NEW, eos_id=tok.eos_id,
+                                             return_info=True)
+    k = int(info["num_tokens"][0])
+    same_prediction(p, dict(prediction=tok.decode(np.asarray(tokens[0, :k])), num_tokens=k,
+                            hit_eos=bool(info["hit_eos"][0]), score=float(score[0])))
+  res = evaluate.evaluate(params, cfg, tok, [{"image": images[i], "prefix": p, "suffix": "x"}
+                                             for i, p in enumerate(PREFIXES)], decoding=beam, **KW)
+  assert res["metrics"]["decoding"] == {"mode": "beam", "beam_size": 3}
+
+
+def test_detect_constraint_gives_well_formed_boxes(model):
+  cfg, params, tok = model
+  from pgjax import detection, grammar
+  images = _images(cfg, len(PREFIXES))
+  free = evaluate.predict(params, cfg, tok, images, PREFIXES, **dict(KW, max_new_tokens=12))
+  bad_free = sum(detection.parse_detections(p["prediction"], 1, 1, return_malformed=True)[1] for p in free)
+  g = grammar.for_task(tok, cfg.llm.vocab_size, "detect")
+  constrained = decode.Decoding(constrain="detect")
+  preds = evaluate.predict(params, cfg, tok, images, PREFIXES, decoding=constrained, **dict(KW, max_new_tokens=12))
+  max_len = evaluate.prompt_len(tok, PREFIXES)
+  for i, p in enumerate(preds):
+    ex = tok.encode_example(PREFIXES[i], None, max_len=max_len)
+    tokens, _, info = decode.greedy(params, images[i:i + 1], ex["text"][None], ex["mask_input"][None], cfg=cfg,
+                                    max_new_tokens=12, eos_id=tok.eos_id, grammar=g, return_info=True)
+    ids = np.asarray(tokens[0, :int(info["num_tokens"][0])])
+    assert grammar.accepts(g, ids)
+    if p["hit_eos"]:  # a finished output is whole objects: 4 locs, then a label with a letter or digit
+      groups = re.findall(r"((?:<loc\d{4}>)+)([^<]*)", p["prediction"])
+      assert groups and all(len(locs) == 4 * 9 and re.search(r"\w", label.split(";")[0])
+                            for locs, label in groups), p
+  # Unconstrained, this model writes broken groups; constrained, the only malformed ones left are inverted
+  # boxes (y1 < y0 or x1 < x0), which a grammar over token classes cannot see (pgjax/grammar.py).
+  assert bad_free > 0
+
+
+def test_score_candidates_is_the_summed_log_prob_of_each_suffix(model):
+  cfg, params, tok = model
+  images = _images(cfg, 2)
+  prefixes = ["answer en what is on the mat", "caption en"]
+  # Oracle: the candidate's summed log-prob from the cached decoder, fed the candidate's tokens one by one.
+  candidates = [["a cat", "the red dog sits", "mat"], ["a bird"]]
+  scores = evaluate.score_candidates(params, cfg, tok, images, prefixes, candidates, batch_size=3)
+  assert [len(s) for s in scores] == [3, 1]
+  for i, cands in enumerate(candidates):
+    for c, got in zip(cands, scores[i]):
+      ids = tok.encode(c) + [tok.eos_id]
+      ex = tok.encode_example(prefixes[i], None, max_len=16)
+      logits, cache = decode.prefill(params, images[i:i + 1], ex["text"][None], ex["mask_input"][None], cfg=cfg,
+                                     cache_size=cfg.num_image_tokens + 16 + len(ids))
+      want = 0.0
+      for t in ids:
+        want += float(jax.nn.log_softmax(logits[0])[t])
+        logits, cache = decode.decode_step(params, jnp.array([t]), cache, cfg=cfg)
+      assert abs(got - want) <= 64 * 2 ** -23 * abs(want), (c, got, want)
+  with pytest.raises(ValueError, match="non-empty list of strings"):
+    evaluate.score_candidates(params, cfg, tok, images, prefixes, [["a"], []])
