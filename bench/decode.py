@@ -4,6 +4,11 @@
   python bench/decode.py --vs hf            # also transformers `generate` (with its cache), alternating
   python bench/decode.py --config tiny-gemma1-mqa --reps 2 --new-tokens 4     # a smoke run
   python bench/decode.py --decode-view off  # over the stacked params (no second copy of the LLM's weights)
+  python bench/decode.py --decode beam --vs hf     # beam 4 against generate(num_beams=4, length_penalty=0)
+  python bench/decode.py --decode sample --vs hf   # top-p 0.9 against generate(do_sample=True, top_p=0.9)
+
+With --decode beam or sample, that mode is timed too ("<mode>" in the record, with <mode>_to_greedy_ratio from
+the same run), and with --vs hf transformers generates the same way (hf_to_pgjax_<mode>_ratio).
 
 eos is disabled, so every run decodes exactly --new-tokens tokens. Prefill is timed on its own through
 `decode.prefill`; greedy is the whole of `decode.greedy` (prefill + the decode loop, one jitted while_loop);
@@ -32,9 +37,10 @@ class HFGenerate:
   """transformers `generate` with its KV cache: greedy, exactly `new_tokens` tokens (min = max, no eos),
   token_type_ids zeros over the prompt (one bidirectional block with the image), attention_mask ones."""
 
-  def __init__(self, model, dev, image, prompt, cfg, new_tokens, autocast=None):
+  def __init__(self, model, dev, image, prompt, cfg, new_tokens, autocast=None, **generate_kwargs):
     import torch
     self.torch, self.model, self.M = torch, model, new_tokens
+    self.kwargs = {"do_sample": False, **generate_kwargs}  # beam or sampling settings; greedy by default
     # autocast "bfloat16"/"float16": generate under torch.autocast, as transformers users run it.
     self.autocast = (lambda: torch.autocast(dev.type, dtype=getattr(torch, autocast))) if autocast else None
     B = prompt.shape[0]
@@ -54,7 +60,7 @@ class HFGenerate:
     return self._generate()
 
   def _generate(self):
-    out = self.model.generate(**self.inputs, do_sample=False, max_new_tokens=self.M, min_new_tokens=self.M,
+    out = self.model.generate(**self.inputs, **self.kwargs, max_new_tokens=self.M, min_new_tokens=self.M,
                               eos_token_id=None, pad_token_id=0, use_cache=True)
     return out[:, self.inputs["input_ids"].shape[1]:].cpu().numpy()
 
@@ -79,6 +85,10 @@ def main(argv=None):
   ap.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
                   help="pgjax's matmul, view and cache dtype; with --vs hf, transformers generates under "
                        "torch.autocast in it (float32: plain)")
+  ap.add_argument("--decode", choices=["greedy", "sample", "beam"], default="greedy",
+                  help="also time this mode against greedy (and transformers' same mode with --vs hf)")
+  ap.add_argument("--beam-size", type=int, default=4)
+  ap.add_argument("--top-p", type=float, default=0.9, help="--decode sample: nucleus mass (temperature 1)")
   ap.add_argument("--decode-view", choices=["on", "off"], default="on",
                   help="decode over decode.make_view (a copy of the LLM's weights laid out for it), or the params")
   args = ap.parse_args(argv)
@@ -121,19 +131,35 @@ def main(argv=None):
                                 return_logits=False, decode_view=view)
       return np.asarray(tokens)
 
+    def other():  # the --decode mode: eos disabled, so it too runs exactly M tokens
+      if args.decode == "sample":
+        tokens, _ = decode.sample(params, image, prompt, mask, cfg=cfg, key=jax.random.key(0), max_new_tokens=M,
+                                  top_p=args.top_p, eos_id=None, decode_view=view)
+      else:
+        tokens, _ = decode.beam_search(params, image, prompt, mask, cfg=cfg, beam_size=args.beam_size,
+                                       max_new_tokens=M, eos_id=None, decode_view=view)
+      return np.asarray(tokens)
+
+    hf_kwargs = {"greedy": {}, "sample": {"do_sample": True, "top_p": args.top_p, "top_k": 0, "temperature": 1.0},
+                 "beam": {"num_beams": args.beam_size, "length_penalty": 0.0}}[args.decode]
     common.note(f"batch {B}: compiling")
     prefill_first_s, _ = common.timed(prefill)
     greedy_first_s, tokens = common.timed(greedy)
-    hf = HFGenerate(hf_model, hf_dev, image_np, prompt_np, cfg, M, autocast) if hf_model is not None else None
+    other_first_s = common.timed(other)[0] if args.decode != "greedy" else None
+    hf = HFGenerate(hf_model, hf_dev, image_np, prompt_np, cfg, M, autocast, **hf_kwargs) if hf_model is not None else None
     for _ in range(args.warmup):
       prefill(), greedy()
+      if args.decode != "greedy":
+        other()
       if hf:
         hf.prefill(), hf.generate()
     common.note(f"batch {B}: timing {args.reps} reps" + (" alternating with transformers" if hf else ""))
-    t_pre, t_gen, h_pre, h_gen = [], [], [], []
+    t_pre, t_gen, t_other, h_pre, h_gen = [], [], [], [], []
     for _ in range(args.reps):
       t_pre.append(common.timed(prefill)[0])
       t_gen.append(common.timed(greedy)[0])
+      if args.decode != "greedy":
+        t_other.append(common.timed(other)[0])
       if hf:
         h_pre.append(common.timed(hf.prefill)[0])
         dt, hf_tokens = common.timed(hf.generate)
@@ -143,6 +169,11 @@ def main(argv=None):
     figures = {"prefill": pre, "greedy": gen, "per_token_s": per_token, "tokens_per_s": B * M / gen["median_s"],
                "decode_tokens_per_s": B / per_token if per_token > 0 else None,
                "prefill_first_s": prefill_first_s, "greedy_first_s": greedy_first_s, "decode_view_s": decode_view_s}
+    mine = gen
+    if args.decode != "greedy":
+      mine = common.stats(t_other)
+      figures.update({args.decode: mine, f"{args.decode}_first_s": other_first_s,
+                      f"{args.decode}_to_greedy_ratio": mine["median_s"] / gen["median_s"]})
     versions = ()
     if hf:
       versions = ("torch", "transformers")
@@ -150,13 +181,15 @@ def main(argv=None):
       h_per_token = (hgen["median_s"] - hpre["median_s"]) / (M - 1)
       if hf_tokens.shape != (B, M):
         raise SystemExit(f"transformers generated {hf_tokens.shape[1]} tokens, expected {M}")
+      if args.decode == "greedy":
+        # Same weights: the greedy tokens should agree (HF's 1-based positions move logits by ~1e-6).
+        figures["tokens_match_fraction"] = float(np.mean(hf_tokens == tokens))
       figures.update({
           "hf_prefill": hpre, "hf_generate": hgen, "hf_per_token_s": h_per_token,
           "hf_tokens_per_s": B * M / hgen["median_s"], "hf_device": str(hf_dev),
           "hf_torch_threads": hf.torch.get_num_threads(),
-          # Same weights: the greedy tokens should agree (HF's 1-based positions move logits by ~1e-6).
-          "tokens_match_fraction": float(np.mean(hf_tokens == tokens)),
-          "hf_to_pgjax_greedy_ratio": hgen["median_s"] / gen["median_s"],
+          "hf_generate_kwargs": hf_kwargs,
+          f"hf_to_pgjax_{args.decode}_ratio": hgen["median_s"] / mine["median_s"],
           "hf_to_pgjax_prefill_ratio": hpre["median_s"] / pre["median_s"],
           "hf_to_pgjax_per_token_ratio": h_per_token / per_token if per_token > 0 else None,
       })
@@ -164,7 +197,9 @@ def main(argv=None):
                            "prompt_len": args.prompt_len, "new_tokens": M, "eos": None, "dtype": "float32",
                            "compute_dtype": compute_dtype, "compute_dtype_why": compute_why, "hf_autocast": autocast,
                            "cache_dtype": compute_dtype, "return_logits": False, "matmul_precision": args.precision,
-                           "warmup": args.warmup, "vs": args.vs, "decode_view": args.decode_view == "on"},
+                           "warmup": args.warmup, "vs": args.vs, "decode_view": args.decode_view == "on",
+                           "decode": args.decode, "beam_size": args.beam_size if args.decode == "beam" else None,
+                           "top_p": args.top_p if args.decode == "sample" else None},
                 extra_versions=versions, **figures)
 
 

@@ -151,12 +151,14 @@ def cmd_eval(args) -> int:
   for flag, path in (("--html", args.html), ("--predictions", args.predictions)):
     if path:
       files.check_writable(path, flag)  # before the evaluation, not after it
+  decoding = _decoding(args)
   cfg, tok, ckpt = _model(args)
   cfg = _with_compute_dtype(cfg, args.compute_dtype)
   rows = _rows(args.data, args.image_dir, args.skip_bad, "eval", args.validate_images)
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
   res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, progress=progress.callback("eval", unit="ex"))
+                          max_new_tokens=args.max_new_tokens, progress=progress.callback("eval", unit="ex"),
+                          decoding=decoding)
   print(json.dumps(res["metrics"], indent=1))
   if args.html:  # every row is an embedded image: the page shows the first --report-examples, the metrics all
     n = min(args.report_examples, len(rows))
@@ -180,17 +182,18 @@ def cmd_predict(args) -> int:
                      f"UTF-8 text") from None
   if args.html:
     files.check_writable(args.html, "--html")
+  decoding = _decoding(args)
   cfg, tok, ckpt = _model(args)
   cfg = _with_compute_dtype(cfg, args.compute_dtype)
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
   preds = evaluate.predict(params, cfg, tok, args.image, [args.prompt] * len(args.image),
                            batch_size=min(8, len(args.image)), max_new_tokens=args.max_new_tokens,
-                           progress=progress.callback("predict", unit="ex"))
+                           progress=progress.callback("predict", unit="ex"), decoding=decoding)
   for path, p in zip(args.image, preds):
     print(f"{path}\t{p['prediction']}" + ("" if p["hit_eos"] else "\t(cut at --max-new-tokens)"))
   if args.html:  # detect prompts get their <loc> boxes drawn on the images
     rows = [{"image": path, "prefix": args.prompt} for path in args.image]
-    viz.write_html(args.html, viz.predictions_html(rows, preds))
+    viz.write_html(args.html, viz.predictions_html(rows, preds, metrics={"decoding": decoding.describe()}))
   return 0
 
 
@@ -251,6 +254,38 @@ _POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite numb
 _NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _FRACTION = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 _DTYPES = ("float32", "float16", "bfloat16")
+_TOP_P = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def _add_decoding(p):
+  """eval's and predict's decoding flags: one decode.Decoding (`_decoding`)."""
+  from pgjax import decode
+  g = p.add_argument_group("decoding")
+  g.add_argument("--decode", choices=decode.MODES, default="greedy", help="how tokens are chosen (default greedy)")
+  g.add_argument("--temperature", type=_NON_NEGATIVE, default=1.0, help="sample: divides the logits (0: greedy)")
+  g.add_argument("--top-k", type=_AT_LEAST_1, help="sample: keep the k most likely tokens (and ties)")
+  g.add_argument("--top-p", type=_TOP_P, help="sample: keep the nucleus of mass p (big_vision's rule)")
+  g.add_argument("--num-samples", type=_AT_LEAST_1, default=1, help="sample: best of n by summed log-prob")
+  g.add_argument("--beam-size", type=_AT_LEAST_1, default=4, help="beam: beams per example (default 4)")
+  g.add_argument("--seed", type=_AT_LEAST_0, default=0, help="sample: example i draws from fold_in(key(seed), i)")
+  g.add_argument("--constrain", choices=decode.CONSTRAINTS,
+                 help="keep the output in the <loc>/<seg> grammar of detection or segmentation")
+
+
+def _decoding(args):
+  """The Decoding the flags describe; a flag that does not apply to --decode is refused, naming both."""
+  from pgjax import decode
+  given = {"temperature": args.temperature != 1.0, "top_k": args.top_k is not None, "top_p": args.top_p is not None,
+           "num_samples": args.num_samples != 1, "beam_size": args.beam_size != 4, "seed": args.seed != 0}
+  applies = {"greedy": (), "sample": ("temperature", "top_k", "top_p", "num_samples", "seed"),
+             "beam": ("beam_size",)}[args.decode]
+  wrong = [k for k, v in given.items() if v and k not in applies]
+  if wrong:
+    flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+    raise ValueError(f"{flags} do(es) not apply to --decode {args.decode}")
+  return decode.Decoding(mode=args.decode, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         num_samples=args.num_samples, beam_size=args.beam_size, seed=args.seed,
+                         constrain=args.constrain)
 
 
 def _regex(text):
@@ -356,9 +391,10 @@ def _parser():
   p.add_argument("--report-examples", type=_AT_LEAST_0, default=200,
                  help="rows shown in the --html page (default 200; the metrics cover every row)")
   p.add_argument("--predictions", help="write the predictions as JSONL here (every row)")
+  _add_decoding(p)
   p.set_defaults(fn=cmd_eval)
 
-  p = sub.add_parser("predict", help="greedy-decode a prompt for each image")
+  p = sub.add_parser("predict", help="decode a prompt for each image (greedy unless --decode says otherwise)")
   _add_model_args(p)
   p.add_argument("--image", nargs="+", required=True)
   p.add_argument("--prompt", required=True, help='the prefix, e.g. "caption en" or "detect cat ; dog"')
@@ -366,6 +402,7 @@ def _parser():
   p.add_argument("--dtype", default="float32", choices=_DTYPES, help="params dtype")
   _add_compute_dtype(p)
   p.add_argument("--html", help="write an HTML view (with <loc> boxes drawn) here")
+  _add_decoding(p)
   p.set_defaults(fn=cmd_predict)
 
   p = sub.add_parser("show-data", help="an HTML sanity view of a JSONL")

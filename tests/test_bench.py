@@ -110,6 +110,20 @@ def test_decode():
 
 
 @pytest.mark.slow
+def test_decode_beam_and_sample():
+  vs = ["--vs", "hf"] if _has_hf() else []
+  for mode in ("beam", "sample"):
+    (r,) = run("decode.py", "--config", TINY, "--reps", "1", "--warmup", "0", "--new-tokens", "3", "--batches", "2",
+               "--decode", mode, *vs)
+    assert r["config"]["decode"] == mode
+    positive(r[mode]["median_s"], r[f"{mode}_to_greedy_ratio"], r[f"{mode}_first_s"])
+    if vs:
+      positive(r[f"hf_to_pgjax_{mode}_ratio"])
+      assert r["hf_generate_kwargs"] == ({"num_beams": 4, "length_penalty": 0.0} if mode == "beam" else
+                                         {"do_sample": True, "top_p": 0.9, "top_k": 0, "temperature": 1.0})
+
+
+@pytest.mark.slow
 def test_memory():
   records = run("memory.py", "--config", TINY, "--batches", "2", "--text-len", "16", "--remat", "none,full",
                 "--compute-dtypes", "float32,bfloat16")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import screenshot
-from pgjax import checkpoint, cli, finetune, rundir
+from pgjax import checkpoint, cli, decode, finetune, rundir
 
 
 @pytest.fixture(scope="module")
@@ -418,3 +418,32 @@ def test_a_read_only_out_exits_2_naming_it(jsonl, tmp_path, capsys):
     assert f"--out {ro / 'sub'}: cannot make the folder (Read-only file system)" in capsys.readouterr().err
   finally:
     subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_eval_and_predict_decode_as_the_flags_say(tmp_path, capsys):
+  from pgjax import demo, evaluate
+  rows = demo.questions("test")[:3]
+  demo.write_jsonl(str(tmp_path / "val.jsonl"), rows)
+  argv = ["eval", "--data", str(tmp_path / "val.jsonl"), "--max-new-tokens", "4", "--batch-size", "4",
+          "--predictions", str(tmp_path / "p.jsonl"), "--decode", "beam", "--beam-size", "2", "--compute-dtype", "float32"]
+  assert cli.main(argv) == 0
+  metrics = json.loads(capsys.readouterr().out)
+  assert metrics["decoding"] == {"mode": "beam", "beam_size": 2}
+  preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+  # The same as the library's beam search over the demo model (what the flags promise).
+  cfg = demo.load_config().with_compute_dtype("float32")
+  tok = finetune.load_tokenizer(os.path.join(demo.DEMO_DIR, "tokenizer.model"), cfg)
+  params = checkpoint.load(os.path.join(demo.DEMO_DIR, "demo.npz"), cfg)
+  want = evaluate.predict(params, cfg, tok, [r["image"] for r in rows], [r["prefix"] for r in rows], batch_size=4,
+                          max_new_tokens=4, decoding=decode.Decoding(mode="beam", beam_size=2))
+  assert [p["prediction"] for p in preds] == [p["prediction"] for p in want]
+  image = rows[0]["image"]
+  sample = ["predict", "--image", image, image, "--prompt", rows[0]["prefix"], "--max-new-tokens", "4",
+            "--decode", "sample", "--temperature", "2", "--top-p", "0.95", "--seed", "3"]
+  assert cli.main(sample) == 0
+  first = capsys.readouterr().out
+  assert cli.main(sample) == 0 and capsys.readouterr().out == first  # the seed makes it reproducible
+  assert cli.main(["predict", "--image", image, "--prompt", "x", "--top-k", "3"]) == 2
+  assert "--top-k do(es) not apply to --decode greedy" in capsys.readouterr().err
+  assert cli.main(["predict", "--image", image, "--prompt", "x", "--decode", "sample", "--top-p", "1.5"]) == 2
+  assert "--top-p: expected a number in (0, 1], got 1.5" in capsys.readouterr().err
