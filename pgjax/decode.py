@@ -162,14 +162,43 @@ def filter_logits(logits_BV, temperature: float = 1.0, top_k: int | None = None,
     kth_B1 = jax.lax.top_k(x_BV, top_k)[0][..., -1:]
     x_BV = jnp.where(x_BV >= kth_B1, x_BV, -jnp.inf)
   if top_p is not None and top_p < 1:
-    sorted_BV = -jnp.sort(-x_BV, axis=-1)
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    # The number of sorted tokens whose cumulative mass is below p is the index of the one that reaches
-    # it; rounding can leave the total just under a p close to 1, hence the clip (keeps everything).
-    reach_B1 = jnp.minimum(jnp.sum(cum_BV < top_p, axis=-1, keepdims=True), V - 1)
-    cutoff_B1 = jnp.take_along_axis(sorted_BV, reach_B1, axis=-1)
-    x_BV = jnp.where(x_BV >= cutoff_B1, x_BV, -jnp.inf)
+    cutoff = _nucleus_cutoff(x_BV.reshape(-1, V), top_p).reshape(x_BV.shape[:-1] + (1,))
+    x_BV = jnp.where(x_BV >= cutoff, x_BV, -jnp.inf)
   return x_BV
+
+
+def _float_key(v):
+  """float32 -> uint32, order-preserving (radix-sort keys): negative floats' bits flipped, positives' sign set."""
+  bits = jax.lax.bitcast_convert_type(v, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _key_float(k):
+  bits = jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _nucleus_cutoff(x_BV, top_p):
+  """big_vision's nucleus cutoff without a sort: the largest logit c whose tokens at or above it hold at least
+  p of the mass (sorted descending, that is the logit of the token where the cumulative softmax reaches p).
+  The mass at or above a value only falls as the value rises, so 32 bisection steps over the floats' ordered
+  bit patterns find c exactly, each one masked sum over V: a sort of V per row per token costs ~30x more on
+  XLA:CPU (3.2 ms against 0.1 at V = 16,384). Sums are float32, so a cumulative mass within rounding of p may
+  fall on either side, as in a sorted cumsum. [B, 1]; -inf (keep all) when rounding leaves the total under p."""
+  probs_BV = jax.nn.softmax(x_BV, axis=-1)
+  B = x_BV.shape[0]
+  lo_B = jnp.full((B,), _float_key(jnp.float32(-jnp.inf)))  # mass at or above -inf: all of it
+  hi_B = _float_key(jnp.max(x_BV, axis=-1)) + 1              # above the max: none
+
+  def step(_, lo_hi):
+    lo_B, hi_B = lo_hi
+    mid_B = lo_B + (hi_B - lo_B) // 2
+    mass_B = jnp.sum(jnp.where(x_BV >= _key_float(mid_B)[:, None], probs_BV, 0.0), axis=-1)
+    ok_B = mass_B >= top_p
+    return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B)
+
+  lo_B, _ = jax.lax.fori_loop(0, 32, step, (lo_B, hi_B))
+  return _key_float(lo_B)[:, None]
 
 
 def _forbid_mask(forbid, V: int):

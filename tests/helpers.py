@@ -130,3 +130,19 @@ def assert_close_f32(actual, expected, *, ulps_of_max: float, what: str = "", fl
           f"expected {e64[i]!r}) exceeds the bound {bound:.3g} = {ulps_of_max} * eps32 * scale ({leaf_scale:.3g}, "
           f"{'max|expected|' if scale is None else 'given'}) + {floor:g}; the largest error is "
           f"{err.max() / (EPS32 * leaf_scale) if leaf_scale else np.inf:.1f} eps32 * scale")
+
+
+def sharpen(params, logits_scale: float = 1.0):
+  """Larger attention and MLP outputs than at init (x30), and logits x`logits_scale`: as initialised, a tiny
+  model repeats one token; these give peaked, varied next-token distributions, so eos can stop a row early and
+  decoders that differ in how they choose give different texts. In place; returns params."""
+  lp = params["llm"]["layers"]
+  lp["mlp"]["linear"] = lp["mlp"]["linear"] * 30
+  lp["attn"]["attn_vec_einsum"]["w"] = lp["attn"]["attn_vec_einsum"]["w"] * 30
+  for n in ("post_attention_norm", "post_ffw_norm"):  # Gemma 2 normalises the outputs: scale the norms
+    if n in lp:
+      lp[n]["scale"] = (1 + lp[n]["scale"]) * 30 - 1
+  if logits_scale != 1.0:
+    fn = params["llm"]["final_norm"]
+    fn["scale"] = (1 + fn["scale"]) * logits_scale - 1
+  return params

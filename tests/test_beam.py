@@ -8,31 +8,18 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_close_f32, prefix_lm_batch, random_params
+from helpers import assert_close_f32, prefix_lm_batch, random_params, sharpen
 from pgjax import config, decode, paligemma
 
 PROMPTS = [(5, 0), (2, 0), (7, 0)]
 M = 4
 
 
-def sharpen(params):
-  # Larger block outputs than at init: peaked, varied next-token distributions (see test_decode).
-  lp = params["llm"]["layers"]
-  lp["mlp"]["linear"] = lp["mlp"]["linear"] * 30
-  lp["attn"]["attn_vec_einsum"]["w"] = lp["attn"]["attn_vec_einsum"]["w"] * 30
-  for n in ("post_attention_norm", "post_ffw_norm"):
-    if n in lp:
-      lp[n]["scale"] = (1 + lp[n]["scale"]) * 30 - 1
-  # And logits 3x larger: a few likely tokens per step, so that sequences differ by more than one token's cost.
-  fn = params["llm"]["final_norm"]
-  fn["scale"] = (1 + fn["scale"]) * 3 - 1
-  return params
-
-
 @pytest.fixture(scope="module", params=["tiny-gemma1-mqa", "tiny-gemma2-gqa"])
 def setup(request):
   cfg = config.get(request.param)
-  params = sharpen(random_params(cfg, seed=11))
+  # Logits 3x larger too: a few likely tokens per step, so that sequences differ by more than one token's cost.
+  params = sharpen(random_params(cfg, seed=11), logits_scale=3.0)
   batch = prefix_lm_batch(cfg, PROMPTS, 8, seed=5)
   return cfg, params, batch
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_close_f32, prefix_lm_batch, random_params
+from helpers import assert_close_f32, prefix_lm_batch, random_params, sharpen
 from pgjax import config, decode, decode_view, gemma, paligemma
 
 # Prompts of different lengths in one right-padded batch.
@@ -137,15 +137,7 @@ VIEW_ULPS = 64
 @pytest.fixture(scope="module", params=["tiny-gemma1-mqa", "tiny-gemma1-mha", "tiny-gemma2-gqa"])
 def view_setup(request):
   cfg = config.get(request.param)
-  params = random_params(cfg, seed=11)
-  # As initialised, the tiny models repeat one token; larger block outputs give varied text, so that
-  # an eos can stop a row after a few tokens.
-  lp = params["llm"]["layers"]
-  lp["mlp"]["linear"] = lp["mlp"]["linear"] * 30
-  lp["attn"]["attn_vec_einsum"]["w"] = lp["attn"]["attn_vec_einsum"]["w"] * 30
-  for n in ("post_attention_norm", "post_ffw_norm"):  # Gemma 2 normalises the outputs: scale the norms
-    if n in lp:
-      lp[n]["scale"] = (1 + lp[n]["scale"]) * 30 - 1
+  params = sharpen(random_params(cfg, seed=11))  # varied text, so that an eos can stop a row after a few tokens
   batch = prefix_lm_batch(cfg, PROMPTS, 8, seed=5)
   return cfg, params, batch, decode.make_view(params, cfg=cfg)
 

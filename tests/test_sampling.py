@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from helpers import assert_close_f32, prefix_lm_batch, random_params
+from helpers import assert_close_f32, prefix_lm_batch, random_params, sharpen
 from pgjax import config, decode, paligemma
 
 NEG = -np.inf
@@ -37,6 +37,29 @@ def test_top_p_is_big_vision_nucleus_rule():
   assert kept(decode.filter_logits(x, top_p=None)[0]) == {0, 1, 2, 3}
   # Ties at the top: p below the top probability keeps the argmax and every token tied with it.
   assert kept(decode.filter_logits(jnp.log(jnp.array([[0.4, 0.4, 0.2]])), top_p=0.1)[0]) == {0, 1}
+
+
+def test_top_p_equals_the_sorted_cumulative_rule_on_random_logits_with_ties():
+  # The oracle is the rule as big_vision writes it, in float64 numpy: sort descending, count the positions whose
+  # cumulative softmax is below p, keep every logit >= the one at that position.
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.integers(-4, 5, (20, 50)).astype(np.float32),  # many ties
+                      (rng.standard_normal((20, 50)) * 3).astype(np.float32)])
+  x[0, :3] = -np.inf  # removed entries stay removed
+  for p in (0.05, 0.3, 0.5, 0.77, 0.9, 0.99):
+    got = np.isfinite(np.asarray(decode.filter_logits(jnp.asarray(x), top_p=p)))
+    for b in range(len(x)):
+      s = np.sort(x[b].astype(np.float64))[::-1]
+      e = np.exp(s - s[0])
+      cum = np.cumsum(e / e.sum())
+      if np.abs(cum - p).min() < 1e-5:
+        continue  # within float32 rounding of p, either side is right
+      want = x[b] >= s[min(np.sum(cum < p), len(s) - 1)]
+      np.testing.assert_array_equal(got[b], want & np.isfinite(x[b]), err_msg=f"row {b}, p={p}")
+  # Any leading shape: the rule applies along the last axis.
+  x3 = jnp.asarray(x[:6].reshape(2, 3, 50))
+  np.testing.assert_array_equal(decode.filter_logits(x3, top_p=0.5),
+                                decode.filter_logits(x3.reshape(6, 50), top_p=0.5).reshape(2, 3, 50))
 
 
 def test_temperature_divides_before_top_k_and_top_p():
@@ -74,14 +97,7 @@ MAX_NEW = 6
 @pytest.fixture(scope="module", params=["tiny-gemma1-mqa", "tiny-gemma2-gqa"])
 def setup(request):
   cfg = config.get(request.param)
-  params = random_params(cfg, seed=11)
-  # Larger block outputs than at init: peaked, varied next-token distributions (see test_decode).
-  lp = params["llm"]["layers"]
-  lp["mlp"]["linear"] = lp["mlp"]["linear"] * 30
-  lp["attn"]["attn_vec_einsum"]["w"] = lp["attn"]["attn_vec_einsum"]["w"] * 30
-  for n in ("post_attention_norm", "post_ffw_norm"):
-    if n in lp:
-      lp[n]["scale"] = (1 + lp[n]["scale"]) * 30 - 1
+  params = sharpen(random_params(cfg, seed=11))
   batch = prefix_lm_batch(cfg, PROMPTS, 8, seed=5)
   return cfg, params, batch
 
