@@ -345,9 +345,9 @@ def test_score_candidates_is_the_summed_log_prob_of_each_suffix(model):
   for i, cands in enumerate(candidates):
     for c, got in zip(cands, scores[i]):
       ids = tok.encode(c) + [tok.eos_id]
-      ex = tok.encode_example(prefixes[i], None, max_len=16)
+      ex = tok.encode_example(prefixes[i], None, max_len=32)
       logits, cache = decode.prefill(params, images[i:i + 1], ex["text"][None], ex["mask_input"][None], cfg=cfg,
-                                     cache_size=cfg.num_image_tokens + 16 + len(ids))
+                                     cache_size=cfg.num_image_tokens + 32 + len(ids))
       want = 0.0
       for t in ids:
         want += float(jax.nn.log_softmax(logits[0])[t])
