@@ -262,12 +262,13 @@ def _add_decoding(p):
   from pgjax import decode
   g = p.add_argument_group("decoding")
   g.add_argument("--decode", choices=decode.MODES, default="greedy", help="how tokens are chosen (default greedy)")
-  g.add_argument("--temperature", type=_NON_NEGATIVE, default=1.0, help="sample: divides the logits (0: greedy)")
+  # No defaults here: a flag given is a field set, and one that does not apply to --decode is refused.
+  g.add_argument("--temperature", type=_NON_NEGATIVE, help="sample: divides the logits (default 1; 0: greedy)")
   g.add_argument("--top-k", type=_AT_LEAST_1, help="sample: keep the k most likely tokens (and ties)")
   g.add_argument("--top-p", type=_TOP_P, help="sample: keep the nucleus of mass p (big_vision's rule)")
-  g.add_argument("--num-samples", type=_AT_LEAST_1, default=1, help="sample: best of n by summed log-prob")
-  g.add_argument("--beam-size", type=_AT_LEAST_1, default=4, help="beam: beams per example (default 4)")
-  g.add_argument("--seed", type=_AT_LEAST_0, default=0, help="sample: example i draws from fold_in(key(seed), i)")
+  g.add_argument("--num-samples", type=_AT_LEAST_1, help="sample: best of n by summed log-prob (default 1)")
+  g.add_argument("--beam-size", type=_AT_LEAST_1, help="beam: beams per example (default 4)")
+  g.add_argument("--seed", type=_AT_LEAST_0, help="sample: example i draws from fold_in(key(seed), i) (default 0)")
   g.add_argument("--constrain", choices=decode.CONSTRAINTS,
                  help="keep the output in the <loc>/<seg> grammar of detection or segmentation")
 
@@ -275,17 +276,13 @@ def _add_decoding(p):
 def _decoding(args):
   """The Decoding the flags describe; a flag that does not apply to --decode is refused, naming both."""
   from pgjax import decode
-  given = {"temperature": args.temperature != 1.0, "top_k": args.top_k is not None, "top_p": args.top_p is not None,
-           "num_samples": args.num_samples != 1, "beam_size": args.beam_size != 4, "seed": args.seed != 0}
-  applies = {"greedy": (), "sample": ("temperature", "top_k", "top_p", "num_samples", "seed"),
-             "beam": ("beam_size",)}[args.decode]
-  wrong = [k for k, v in given.items() if v and k not in applies]
+  fields = {k for ks in decode.MODE_FIELDS.values() for k in ks}
+  given = {k: getattr(args, k) for k in sorted(fields) if getattr(args, k) is not None}
+  wrong = [k for k in given if k not in decode.MODE_FIELDS[args.decode]]
   if wrong:
     flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
     raise ValueError(f"{flags} do(es) not apply to --decode {args.decode}")
-  return decode.Decoding(mode=args.decode, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         num_samples=args.num_samples, beam_size=args.beam_size, seed=args.seed,
-                         constrain=args.constrain)
+  return decode.Decoding(mode=args.decode, constrain=args.constrain, **given)
 
 
 def _regex(text):

@@ -8,6 +8,7 @@ with PaliGemma's vocabulary of 256000 + 1024 `<locNNNN>` + 128 `<segNNN>` = 2571
 from __future__ import annotations
 
 import dataclasses
+import math
 
 PALIGEMMA_VOCAB = 257_152
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -147,6 +148,16 @@ PRESETS.update({
         llm=GemmaConfig(vocab_size=16384, width=512, depth=4, num_heads=8, num_kv_heads=1, head_dim=64,
                         mlp_dim=2048)),
 })
+
+
+def is_int(x, least: int) -> bool:
+  """For settings checks: an int (not a bool: True is no step count) >= least."""
+  return type(x) is int and x >= least
+
+
+def is_real(x) -> bool:
+  """For settings checks: a finite int or float, not a bool."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def get(name: str) -> PaliGemmaConfig:

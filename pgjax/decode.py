@@ -30,7 +30,7 @@ import numpy as np
 
 from pgjax import decode_view, gemma, paligemma
 from pgjax.grammar import Grammar
-from pgjax.config import PaliGemmaConfig
+from pgjax.config import PaliGemmaConfig, is_int, is_real
 
 
 def _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, view=None, *, cfg: PaliGemmaConfig,
@@ -141,6 +141,15 @@ def make_view(params, *, cfg: PaliGemmaConfig, dtype=None) -> dict:
 # Choosing tokens: filters and constraints.
 
 
+def _check_filter(temperature, top_k, top_p):
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0 to filter (0 is greedy decoding), got {temperature}")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
+  if top_p is not None and not top_p > 0:
+    raise ValueError(f"top_p must be > 0 (or None), got {top_p}")
+
+
 def filter_logits(logits_BV, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
   """Logits -> the logits a sampler draws from, over the last axis; removed entries become -inf. Pure.
 
@@ -150,12 +159,7 @@ def filter_logits(logits_BV, temperature: float = 1.0, top_k: int | None = None,
   logit (a rule on values, not positions). top_p >= 1 or None keeps everything; a p at or below the top
   probability keeps the argmax and its ties. top_k None (or >= V) keeps everything.
   """
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0 to filter (0 is greedy decoding), got {temperature}")
-  if top_k is not None and top_k < 1:
-    raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
-  if top_p is not None and not top_p > 0:
-    raise ValueError(f"top_p must be > 0 (or None), got {top_p}")
+  _check_filter(temperature, top_k, top_p)
   x_BV = jnp.asarray(logits_BV, jnp.float32) / temperature
   V = x_BV.shape[-1]
   if top_k is not None and top_k < V:
@@ -255,13 +259,18 @@ def _row_keys(key, B: int):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "cache_dtype", "return_logits",
-                                             "return_logp", "sampling"))
+                                             "return_logp", "sampling", "copies"))
 def _generate(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, view, keys_B, forbid_V, grammar,
-              *, cfg, max_new_tokens, eos_id, cache_dtype, return_logits, return_logp, sampling):
-  B, M = prompt_BT.shape[0], max_new_tokens
+              *, cfg, max_new_tokens, eos_id, cache_dtype, return_logits, return_logp, sampling, copies=1):
+  # copies > 1: each prompt is run once, then decoded `copies` times from copies of its cache (best-of-n).
+  M = max_new_tokens
   T = cfg.num_image_tokens + prompt_BT.shape[1]
   logits_BV, cache = _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, view, cfg=cfg,
                               cache_size=T + M - 1, cache_dtype=cache_dtype)
+  if copies > 1:
+    logits_BV, cache, valid_B = jnp.repeat(logits_BV, copies, axis=0), _repeat_rows(cache, copies), \
+        jnp.repeat(valid_B, copies, axis=0)
+  B = logits_BV.shape[0]
   V = logits_BV.shape[-1]
   is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
 
@@ -326,15 +335,29 @@ def _inputs(prompt_BT, prompt_mask_input_BT, prompt_mask_ar_BT, valid_B, max_new
 
 def _run(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg, max_new_tokens, eos_id, prompt_mask_ar_BT,
          valid_B, cache_dtype, decode_view, forbid, grammar, key=None, return_logits=False, return_logp=False,
-         sampling=None):
+         sampling=None, copies=1):
   prompt_BT, mask_input_BT, mask_ar_BT, valid_B = _inputs(prompt_BT, prompt_mask_input_BT, prompt_mask_ar_BT,
                                                           valid_B, max_new_tokens)
   V = cfg.llm.vocab_size
-  keys_B = None if key is None else _row_keys(key, prompt_BT.shape[0])
+  keys_B = None if key is None else _row_keys(key, prompt_BT.shape[0] * copies)
   return _generate(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, decode_view, keys_B,
                    _forbid_mask(forbid, V), _check_grammar(grammar, V), cfg=cfg, max_new_tokens=max_new_tokens,
                    eos_id=eos_id, cache_dtype=_cache_dtype(cache_dtype, cfg), return_logits=return_logits,
-                   return_logp=return_logp, sampling=sampling)
+                   return_logp=return_logp, sampling=sampling, copies=copies)
+
+
+def _sampling(temperature, top_k, top_p):
+  """The static sampling settings of `_generate`: None (the argmax) at temperature 0; argument errors now."""
+  if temperature == 0:
+    return None
+  _check_filter(temperature, top_k, top_p)
+  return float(temperature), top_k, top_p
+
+
+def _repeat_rows(cache, n: int):
+  """The cache with each row repeated n times, row b's copies at b·n ... b·n + n-1."""
+  return dict(cache, k=jnp.repeat(cache["k"], n, axis=1), v=jnp.repeat(cache["v"], n, axis=1),
+              valid=jnp.repeat(cache["valid"], n, axis=0), pos=jnp.repeat(cache["pos"], n, axis=0))
 
 
 def greedy(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemmaConfig, max_new_tokens: int,
@@ -375,12 +398,10 @@ def sample(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliGemm
   prompt and image alone, so padding rows added to a batch change nothing. temperature=0 is greedy decoding
   (the argmax, whatever top_k and top_p say). `forbid`, `grammar`, return_info: as in `greedy`.
   """
-  sampling = None if temperature == 0 else (float(temperature), top_k, top_p)
-  if sampling is not None:
-    filter_logits(jnp.zeros((1, 2)), *sampling)  # argument errors now, not inside the trace
   out = _run(params, image_BYXC, prompt_BT, prompt_mask_input_BT, cfg=cfg, max_new_tokens=max_new_tokens,
              eos_id=eos_id, prompt_mask_ar_BT=prompt_mask_ar_BT, valid_B=valid_B, cache_dtype=cache_dtype,
-             decode_view=decode_view, forbid=forbid, grammar=grammar, key=key, return_logp=True, sampling=sampling)
+             decode_view=decode_view, forbid=forbid, grammar=grammar, key=key, return_logp=True,
+             sampling=_sampling(temperature, top_k, top_p))
   res = (out["tokens_BM"], out["logp_BM"])
   return (*res, out["info"]) if return_info else res
 
@@ -390,23 +411,21 @@ def best_of_n(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: PaliG
               eos_id: int | None = 1, prompt_mask_ar_BT=None, valid_B=None, cache_dtype=None,
               decode_view: dict | None = None, forbid=None, grammar: Grammar | None = None,
               return_info: bool = False):
-  """big_vision's best-of-n: n samples per row (`sample`, all n·B rows in one loop), keeping the one with the
-  highest summed log-prob up to and including its eos (ties: the first sample). Returns tokens [B, M] and
+  """big_vision's best-of-n: n samples per row, keeping the one with the highest summed log-prob up to and
+  including its eos (ties: the first sample). Each prompt runs once; its n samples decode from copies of its
+  cache, all n·B rows in one loop. Returns tokens [B, M] and
   that score [B]; with return_info also num_tokens, hit_eos (of the kept sample) and steps. Sample j of row b
   draws from fold_in(row b's key, j) (`sample` says what row b's key is)."""
   if n < 1:
     raise ValueError(f"n must be >= 1, got {n}")
-  prompt_BT, mask_input_BT, mask_ar_BT, valid_B = _inputs(prompt_BT, prompt_mask_input_BT, prompt_mask_ar_BT,
-                                                          valid_B, max_new_tokens)
-  B = prompt_BT.shape[0]
+  B = np.shape(prompt_BT)[0]
   keys_B = _row_keys(key, B)
   keys_F = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, jnp.arange(n)))(keys_B).reshape(B * n)
-  rep = lambda x: None if x is None else jnp.repeat(jnp.asarray(x), n, axis=0)  # noqa: E731 (row b's n copies adjacent)
-  tokens_FM, logp_FM, info = sample(params, rep(image_BYXC), rep(prompt_BT), rep(mask_input_BT), cfg=cfg, key=keys_F,
-                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    eos_id=eos_id, prompt_mask_ar_BT=rep(mask_ar_BT), valid_B=rep(valid_B),
-                                    cache_dtype=cache_dtype, decode_view=decode_view, forbid=forbid, grammar=grammar,
-                                    return_info=True)
+  out = _run(params, image_BYXC, prompt_BT, prompt_mask_input_BT, cfg=cfg, max_new_tokens=max_new_tokens,
+             eos_id=eos_id, prompt_mask_ar_BT=prompt_mask_ar_BT, valid_B=valid_B, cache_dtype=cache_dtype,
+             decode_view=decode_view, forbid=forbid, grammar=grammar, key=keys_F, return_logp=True,
+             sampling=_sampling(temperature, top_k, top_p), copies=n)
+  tokens_FM, logp_FM, info = out["tokens_BM"], out["logp_BM"], out["info"]
   score_BN = logp_FM.sum(-1).reshape(B, n)
   best_B = jnp.argmax(score_BN, axis=-1)
   pick = lambda x: jnp.take_along_axis(x.reshape(B, n, *x.shape[1:]), best_B.reshape((B, 1) + (1,) * (x.ndim - 1)),  # noqa: E731
@@ -428,9 +447,7 @@ def _beam(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B, vie
   logits_BV, cache = _prefill(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, view, cfg=cfg,
                               cache_size=T + M - 1, cache_dtype=cache_dtype)
   V = logits_BV.shape[-1]
-  # The cache holds B·K rows, row b's beams at b·K ... b·K + K-1, each a copy of its prompt's.
-  cache = dict(cache, k=jnp.repeat(cache["k"], K, axis=1), v=jnp.repeat(cache["v"], K, axis=1),
-               valid=jnp.repeat(cache["valid"], K, axis=0), pos=jnp.repeat(cache["pos"], K, axis=0))
+  cache = _repeat_rows(cache, K)  # B·K rows, row b's beams at b·K ... b·K + K-1
 
   def logp_BKV(logits_FV, gstate_BK):
     lp_FV = _constrain(jax.nn.log_softmax(logits_FV, axis=-1), forbid_V, grammar,
@@ -532,6 +549,8 @@ def beam_search(params, image_BYXC, prompt_BT, prompt_mask_input_BT, *, cfg: Pal
 
 MODES = ("greedy", "sample", "beam")
 CONSTRAINTS = ("detect", "segment")
+MODE_FIELDS = {"greedy": (), "sample": ("temperature", "top_k", "top_p", "num_samples", "seed"),
+               "beam": ("beam_size",)}  # the Decoding fields each mode reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,13 +574,11 @@ class Decoding:
 
   def __post_init__(self):
     object.__setattr__(self, "forbid", tuple(int(i) for i in self.forbid))
-    is_int = lambda v, lo: isinstance(v, int) and not isinstance(v, bool) and v >= lo  # noqa: E731
-    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)  # noqa: E731
     checks = [
         ("mode", self.mode in MODES, f"one of {MODES}"),
-        ("temperature", is_num(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0: greedy)"),
+        ("temperature", is_real(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0: greedy)"),
         ("top_k", self.top_k is None or is_int(self.top_k, 1), "None or an integer >= 1"),
-        ("top_p", self.top_p is None or (is_num(self.top_p) and 0 < self.top_p <= 1), "None or a number in (0, 1]"),
+        ("top_p", self.top_p is None or (is_real(self.top_p) and 0 < self.top_p <= 1), "None or a number in (0, 1]"),
         ("beam_size", is_int(self.beam_size, 1), "an integer >= 1"),
         ("num_samples", is_int(self.num_samples, 1), "an integer >= 1"),
         ("seed", is_int(self.seed, 0), "an integer >= 0"),
@@ -575,9 +592,7 @@ class Decoding:
 
   def describe(self) -> dict:
     """The fields that matter for this mode, for logs, summaries and reports."""
-    keys = {"greedy": (), "sample": ("temperature", "top_k", "top_p", "num_samples", "seed"),
-            "beam": ("beam_size",)}[self.mode]
-    out = {"mode": self.mode, **{k: getattr(self, k) for k in keys}}
+    out = {"mode": self.mode, **{k: getattr(self, k) for k in MODE_FIELDS[self.mode]}}
     if self.forbid:
       out["forbid"] = list(self.forbid)
     if self.constrain:

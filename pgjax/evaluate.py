@@ -64,10 +64,12 @@ def _image(x, size: int, i: int) -> np.ndarray:
   return a.astype(np.float32)
 
 
-def prompt_len(tok, prefixes) -> int:
+def prompt_len(tok, prefixes, suffixes=None) -> int:
   """The shortest prompt length ([bos] prefix "\\n") that fits every prefix, rounded up to a multiple
-  of 8 so that similar datasets share one compilation."""
-  return -(-max(tok.example_len(p) for p in prefixes) // 8) * 8
+  of 8 so that similar datasets share one compilation. With suffixes (one per prefix), the length of
+  whole examples ([bos] prefix "\\n" suffix [eos]) instead."""
+  suffixes = [None] * len(prefixes) if suffixes is None else suffixes
+  return -(-max(tok.example_len(p, s) for p, s in zip(prefixes, suffixes)) // 8) * 8
 
 
 def view_fits(params, cfg=None, *, headroom: float = 2.0) -> bool:
@@ -121,7 +123,9 @@ def predict(params, cfg, tok, images, prefixes, *, batch_size: int = 8, max_len:
     decode_view = view_fits(params, cfg)
   view = decode.make_view(params, cfg=cfg) if decode_view else None
   decoding = decode.Decoding() if decoding is None else decoding
-  constraint = grammar.for_task(tok, cfg.llm.vocab_size, decoding.constrain) if decoding.constrain else None
+  constraint = None
+  if decoding.constrain:  # built and put on the device once, for every batch
+    constraint = jax.tree.map(jnp.asarray, grammar.for_task(tok, cfg.llm.vocab_size, decoding.constrain))
   base_key = jax.random.key(decoding.seed)
 
   def make_batch(start):
@@ -181,7 +185,7 @@ def score_candidates(params, cfg, tok, images, prefixes, candidates, *, batch_si
     if not c or not all(isinstance(x, str) for x in c):
       raise ValueError(f"example {i}: candidates must be a non-empty list of strings, got {c!r}")
   pairs = [(i, c) for i, cs in enumerate(candidates) for c in cs]
-  max_len = max_len or -(-max(tok.example_len(prefixes[i], c) for i, c in pairs) // 8) * 8
+  max_len = max_len or prompt_len(tok, [prefixes[i] for i, _ in pairs], [c for _, c in pairs])
   size, out = cfg.vision.image_size, []
   batch_size = max(1, min(batch_size, len(pairs)))
   for start in range(0, len(pairs), batch_size):

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 
 from pgjax import config as config_lib
 from pgjax import train as train_lib
-from pgjax.config import PaliGemmaConfig
+from pgjax.config import PaliGemmaConfig, is_int, is_real
 
 SCHEDULES = ("cosine", "linear", "constant")
 REMATS = ("none", "full", "dots")
@@ -103,26 +102,26 @@ class TrainConfig:
   def __post_init__(self):
     object.__setattr__(self, "trainable", tuple(self.trainable))  # a list would make the config unhashable
     checks = [
-        ("steps", self.steps, _is_int(self.steps, 1), "an integer >= 1"),
-        ("batch_size", self.batch_size, _is_int(self.batch_size, 1), "an integer >= 1"),
-        ("lr", self.lr, _is_real(self.lr) and self.lr > 0, "a finite number > 0"),
+        ("steps", self.steps, is_int(self.steps, 1), "an integer >= 1"),
+        ("batch_size", self.batch_size, is_int(self.batch_size, 1), "an integer >= 1"),
+        ("lr", self.lr, is_real(self.lr) and self.lr > 0, "a finite number > 0"),
         ("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
-        ("warmup", self.warmup, _is_real(self.warmup) and 0 <= self.warmup < 1, "a fraction in [0, 1)"),
-        ("clip", self.clip, self.clip is None or (_is_real(self.clip) and self.clip > 0), "None or a finite number > 0"),
-        ("accum", self.accum, _is_int(self.accum, 1), "an integer >= 1"),
+        ("warmup", self.warmup, is_real(self.warmup) and 0 <= self.warmup < 1, "a fraction in [0, 1)"),
+        ("clip", self.clip, self.clip is None or (is_real(self.clip) and self.clip > 0), "None or a finite number > 0"),
+        ("accum", self.accum, is_int(self.accum, 1), "an integer >= 1"),
         ("trainable", self.trainable, all(isinstance(p, str) for p in self.trainable), "a tuple of regexes"),
         ("compute_dtype", self.compute_dtype, self.compute_dtype in COMPUTE_DTYPES, f"one of {COMPUTE_DTYPES}"),
         ("frozen_dtype", self.frozen_dtype, self.frozen_dtype in FROZEN_DTYPES, f"one of {FROZEN_DTYPES}"),
         ("remat", self.remat, self.remat in REMATS, f"one of {REMATS}"),
-        ("max_len", self.max_len, _is_int(self.max_len, 1), "an integer >= 1"),
+        ("max_len", self.max_len, is_int(self.max_len, 1), "an integer >= 1"),
         ("truncate", self.truncate, self.truncate in ("error", "keep_eos"), "'error' or 'keep_eos'"),
-        ("seed", self.seed, _is_int(self.seed, 0), "an integer >= 0"),
-        ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens, 1), "an integer >= 1"),
-        ("eval_every", self.eval_every, _is_int(self.eval_every, 0), "an integer >= 0"),
-        ("eval_examples", self.eval_examples, _is_int(self.eval_examples, 0), "an integer >= 0"),
-        ("eval_batch_size", self.eval_batch_size, _is_int(self.eval_batch_size, 1), "an integer >= 1"),
-        ("save_every", self.save_every, _is_int(self.save_every, 0), "an integer >= 0"),
-        ("keep_checkpoints", self.keep_checkpoints, _is_int(self.keep_checkpoints, 0), "an integer >= 0"),
+        ("seed", self.seed, is_int(self.seed, 0), "an integer >= 0"),
+        ("max_new_tokens", self.max_new_tokens, is_int(self.max_new_tokens, 1), "an integer >= 1"),
+        ("eval_every", self.eval_every, is_int(self.eval_every, 0), "an integer >= 0"),
+        ("eval_examples", self.eval_examples, is_int(self.eval_examples, 0), "an integer >= 0"),
+        ("eval_batch_size", self.eval_batch_size, is_int(self.eval_batch_size, 1), "an integer >= 1"),
+        ("save_every", self.save_every, is_int(self.save_every, 0), "an integer >= 0"),
+        ("keep_checkpoints", self.keep_checkpoints, is_int(self.keep_checkpoints, 0), "an integer >= 0"),
     ]
     for name, value, ok, need in checks:
       if not ok:
@@ -152,14 +151,6 @@ class TrainConfig:
     if cfg.llm.final_logits_softcap and not self.keep_final_softcap:
       cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, final_logits_softcap=0.0))
     return cfg
-
-
-def _is_int(x, least: int) -> bool:
-  return type(x) is int and x >= least  # type(): True is no step count
-
-
-def _is_real(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _jsonable(x):
