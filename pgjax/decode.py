@@ -205,6 +205,39 @@ def _nucleus_cutoff(x_BV, top_p):
   return _key_float(lo_B)[:, None]
 
 
+def _first_above(cum_BN, u_B, positive_BN):
+  """The first index whose cumulative sum exceeds u: an entry with mass, as the sum rises only there. Should
+  rounding put u at or past the last sum, the last entry with mass."""
+  N = cum_BN.shape[-1]
+  last_B = N - 1 - jnp.argmax(positive_BN[:, ::-1], axis=-1)
+  return jnp.minimum(jnp.sum(cum_BN <= u_B[:, None], axis=-1), last_B)
+
+
+def draw(keys_B, logits_BV):
+  """One token per row from softmax(logits) ([B] keys, -inf entries never drawn): int32 [B].
+
+  An inverse-CDF draw in two levels. The vocabulary is cut into blocks of C = 2^ceil(log2 sqrt V) tokens; one
+  uniform picks a block by the cumulative sum of the blocks' masses, a second picks a token within it by the
+  block's own cumulative sum. Both sums run over at most ~sqrt(V) float32 terms, so a token's probability is
+  resolved to float32 rounding of its block's mass, not of the whole vocabulary's as in one cumulative sum over
+  V = 257k. It needs two uniforms a row where a Gumbel-max draw (jax.random.categorical) needs V: with top-p
+  at V = 16,384 on XLA:CPU that was 1.9 ms against 0.35 ms for 4 rows (bench/README.md)."""
+  B, V = logits_BV.shape
+  C = 1 << max(0, (int(np.ceil(np.sqrt(V))) - 1).bit_length())
+  R = -(-V // C)
+  x_BV = logits_BV.astype(jnp.float32)
+  p_BV = jnp.exp(x_BV - jnp.max(x_BV, axis=-1, keepdims=True))  # the max entry is 1, -inf ones 0
+  p_BRC = jnp.pad(p_BV, ((0, 0), (0, R * C - V))).reshape(B, R, C)
+  mass_BR = jnp.sum(p_BRC, axis=-1)
+  cum_BR = jnp.cumsum(mass_BR, axis=-1)
+  u_B2 = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys_B)
+  r_B = _first_above(cum_BR, u_B2[:, 0] * cum_BR[:, -1], mass_BR > 0)
+  block_BC = jnp.take_along_axis(p_BRC, r_B[:, None, None], axis=1)[:, 0]
+  cum_BC = jnp.cumsum(block_BC, axis=-1)
+  c_B = _first_above(cum_BC, u_B2[:, 1] * cum_BC[:, -1], block_BC > 0)
+  return (r_B * C + c_B).astype(jnp.int32)
+
+
 def _forbid_mask(forbid, V: int):
   if forbid is None:
     return None
@@ -279,8 +312,7 @@ def _generate(params, image_BYXC, prompt_BT, mask_input_BT, mask_ar_BT, valid_B,
     if sampling is None:  # greedy: the argmax, ties to the lowest id
       return jnp.argmax(x_BV, axis=-1).astype(jnp.int32)
     f_BV = filter_logits(x_BV, *sampling)
-    draw = lambda key, f_V: jax.random.categorical(jax.random.fold_in(key, t), f_V)  # noqa: E731
-    return jax.vmap(draw)(keys_B, f_BV).astype(jnp.int32)
+    return draw(jax.vmap(jax.random.fold_in, (0, None))(keys_B, t), f_BV)
 
   def record(s, t, tok_B, logits_BV):
     s = dict(s, tok_B=tok_B, tokens_BM=s["tokens_BM"].at[:, t].set(tok_B), done_B=s["done_B"] | is_eos(tok_B))

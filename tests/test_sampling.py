@@ -80,6 +80,41 @@ def test_filter_keeps_removed_entries_removed_and_rows_apart():
   np.testing.assert_array_equal(out, [[NEG, 1.0, 2.0, NEG], [NEG, 5.0, NEG, 4.5]])
 
 
+def test_draw_matches_softmax_across_blocks_by_chi_square():
+  # V = 50 cuts into blocks of 8 (C = 2^ceil(log2 ceil(sqrt 50))): the six finite logits lie in five blocks, the
+  # last block (48-49, then padding) holds none. Expected: softmax in float64 numpy.
+  ids = np.array([0, 9, 17, 30, 41, 42])
+  x = np.full(50, NEG, np.float32)
+  x[ids] = [1.0, -0.5, 0.3, 2.0, 0.0, -1.2]
+  p = np.exp(x[ids].astype(np.float64) - x[ids].max())
+  p /= p.sum()
+  N = 6000
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(3), jnp.arange(N))
+  tok = np.asarray(decode.draw(keys, jnp.broadcast_to(jnp.asarray(x), (N, 50))))
+  assert tok.dtype == np.int32 and np.isin(tok, ids).all()  # never an entry at -inf
+  counts = np.array([(tok == i).sum() for i in ids])
+  chi2 = ((counts - N * p) ** 2 / (N * p)).sum()
+  # 5 degrees of freedom; 20.515 is the chi-square table's critical value at alpha = 0.001 (seed fixed).
+  assert (N * p >= 5).all() and chi2 < 20.515, (chi2, counts, N * p)
+
+
+@pytest.mark.parametrize("V,only", [(1, 0), (50, 49), (50, 0), (257, 256), (257, 130)])
+def test_draw_of_one_finite_entry_is_that_entry(V, only):
+  x = np.full((4, V), NEG, np.float32)
+  x[:, only] = -3.0
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(4))
+  np.testing.assert_array_equal(np.asarray(decode.draw(keys, jnp.asarray(x))), [only] * 4)
+
+
+def test_first_above_falls_back_to_the_last_entry_with_mass():
+  # Rounding can leave u at the total: the draw must still land on an entry with mass, not on one past it.
+  cum = jnp.array([[0.0, 0.5, 0.5, 1.0, 1.0]])
+  pos = jnp.array([[False, True, False, True, False]])
+  assert int(decode._first_above(cum, jnp.array([0.2]), pos)[0]) == 1
+  assert int(decode._first_above(cum, jnp.array([0.5]), pos)[0]) == 3
+  assert int(decode._first_above(cum, jnp.array([1.0]), pos)[0]) == 3
+
+
 @pytest.mark.parametrize("kw, match", [(dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
                                        (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p")])
 def test_filter_refuses_bad_arguments(kw, match):
