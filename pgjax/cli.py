@@ -116,7 +116,7 @@ def cmd_finetune(args) -> int:
       finetune.finetune(tc, train=train_rows, val=val_rows, checkpoint=ckpt, tokenizer=tok, model=cfg, out=out,
                         mesh=mesh, resume=not args.no_resume, resume_anyway=args.resume_anyway,
                         save_full=args.save_full, safetensors=args.safetensors,
-                        report_examples=args.report_examples, summary_extra={"demo": is_demo})
+                        report_examples=args.report_examples, summary_extra={"demo": is_demo}, vae=args.vae)
   except finetune.SettingError as e:
     extra = f" (--model-parallel {args.model_parallel})" if e.field == "batch_size" else ""
     raise ValueError(f"{_flag(e.field)} {e.detail}{extra}") from None
@@ -326,8 +326,10 @@ def _parser():
   p = sub.add_parser("finetune", help="fine-tune (no data flags: the embedded demo)")
   _add_model_args(p)
   p.add_argument("--out", help="output folder (default runs/finetune-DATE-TIME)")
-  p.add_argument("--train", help="training JSONL of {image, prefix, suffix}")
+  p.add_argument("--train", help="training JSONL of {image, prefix, suffix}; a row may give a \"mask\" PNG or "
+                 "pixel \"boxes\" + \"labels\" instead of the suffix")
   p.add_argument("--val", help="validation JSONL (suffix, or answers for VQA)")
+  p.add_argument("--vae", help="the segmentation VAE (vae-oid.npz) that turns rows' masks into <seg> text")
   p.add_argument("--image-dir", help="resolve image paths against this folder instead of the JSONL's")
   p.add_argument("--skip-bad", action="store_true", help="skip (and report) malformed rows instead of failing")
   _add_validate_images(p)

@@ -209,6 +209,105 @@ def pretrain(out_dir: str = DEMO_DIR, *, caption: finetune.TrainConfig = PRETRAI
   return info
 
 
+# ---------------------------------------------------------------------------------------------------
+# Segmentation: the shapes' masks and a small VQ-VAE of vae-oid.npz's architecture.
+
+VAE = os.path.join(DEMO_DIR, "vae.npz")
+VAE_WIDTHS = dict(encoder=(8, 16, 32, 32), enc_hidden=16, num_codes=128, code_dim=16, decoder=32, dec_hidden=16,
+                  upsample=(32, 16, 16, 8))
+"""The demo VAE's widths (the released file's are 16-32-64-128 / 128 / 128 x 512 / 128 / 128-64-32-16): ~79k
+params, 0.3 MB, because its masks are simple (one filled circle, rectangle or triangle, cropped to its box)."""
+
+
+def shape_mask(path: str) -> np.ndarray:
+  """The shape's pixels in an easy-vqa image (one shape on a plain background): uint8 0/255 [H, W].
+
+  The background is the corners' colour, the shape's the commonest colour far from it; the images'
+  antialiased edge pixels lie between the two and go to the nearer one (half way along the line between)."""
+  import PIL.Image
+  im = np.asarray(PIL.Image.open(path).convert("RGB"), np.float32)
+  bg = np.median(im[[0, 0, -1, -1], [0, -1, 0, -1]], axis=0)
+  colours, counts = np.unique(im.reshape(-1, 3), axis=0, return_counts=True)
+  far = np.linalg.norm(colours - bg, axis=1) > 40
+  if not far.any():
+    raise ValueError(f"{path}: no shape: every colour is within 40 of the background {bg}")
+  d = colours[far][np.argmax(counts[far])] - bg
+  return np.where((im - bg) @ d / (d @ d) > 0.5, 255, 0).astype(np.uint8)
+
+
+def _image_paths(split: str) -> list[str]:
+  ev = _easy_vqa()
+  paths = (ev.get_train_image_paths if split == "train" else ev.get_test_image_paths)()
+  return [paths[i] for i in sorted(paths)]
+
+
+def train_vae(out_path: str = VAE, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+              log_every: int = 100) -> dict:
+  """Trains the demo VAE on easy-vqa's train masks, each cropped to its box as refcoco_mask2str crops it, and
+  writes it (npz, the released file's layout) with `<out>.json`: the held-out reconstruction IoU on the test
+  masks, at 64x64 and through the text at full resolution.
+
+  The loss is a VQ-VAE's (arXiv 1711.00937): sigmoid cross-entropy of the decoded logits against the soft
+  64x64 crop, the codebook term and a 0.25 commitment term, with a straight-through gradient past the
+  quantizer. The codebook starts as encoder outputs of training crops, so that no code starts dead."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from pgjax import segmentation as seg
+
+  t0 = time.time()
+  train = np.stack([seg.crop_to_64(shape_mask(p)) for p in _image_paths("train")])
+  k_init, k_book, k_data = jax.random.split(jax.random.key(seed), 3)
+  vae = seg.init_vae(k_init, **VAE_WIDTHS)
+  z = seg.encoder_output(vae, jnp.asarray(train[:256])).reshape(-1, VAE_WIDTHS["code_dim"])
+  vae[seg.CODEBOOK] = z[jax.random.choice(k_book, len(z), (VAE_WIDTHS["num_codes"],), replace=False)]
+  tx = optax.adam(lr)
+  opt = tx.init(vae)
+
+  def loss_fn(vae, m_BHW):
+    z = seg.encoder_output(vae, m_BHW)
+    e = vae[seg.CODEBOOK][seg.nearest_code(vae, jax.lax.stop_gradient(z))]
+    logits = seg.decoder_output(vae, z + jax.lax.stop_gradient(e - z))
+    rec = optax.sigmoid_binary_cross_entropy(logits, m_BHW).mean()
+    sg = jax.lax.stop_gradient
+    return rec + jnp.mean((sg(z) - e) ** 2) + 0.25 * jnp.mean((z - sg(e)) ** 2), rec
+
+  @jax.jit
+  def step(vae, opt, m_BHW):
+    (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(vae, m_BHW)
+    updates, opt = tx.update(g, opt, vae)
+    return optax.apply_updates(vae, updates), opt, rec
+
+  order = np.asarray(jax.random.randint(k_data, (steps, batch_size), 0, len(train)))
+  for s in range(steps):
+    vae, opt, rec = step(vae, opt, jnp.asarray(train[order[s]]))
+    if log_every and (s % log_every == 0 or s == steps - 1):
+      print(f"vae step {s}: reconstruction loss {float(rec):.4f}", flush=True)
+  seg.save_vae(out_path, vae)
+  info = {"widths": VAE_WIDTHS, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+          "train_masks": len(train), "seconds": round(time.time() - t0, 1),
+          **vae_iou(seg.load_vae(out_path), _image_paths("test"))}
+  with open(os.path.splitext(out_path)[0] + ".json", "w") as f:
+    json.dump(info, f, indent=1)
+  return info
+
+
+def vae_iou(vae, paths: list[str]) -> dict:
+  """Mean IoU of the codec's reconstruction of each image's shape mask: at 64x64 (decode(encode(crop)) > 0
+  against crop > 0.5), and whole (mask_to_text, then text_to_masks at the image's size, against the mask)."""
+  from pgjax import segmentation as seg
+  masks = [shape_mask(p) for p in paths]
+  crops = np.stack([seg.crop_to_64(m) for m in masks])
+  recon = np.asarray(seg.decode(vae, seg.encode(vae, crops))) > 0
+  iou64 = [seg.mask_iou(r, c > 0.5) for r, c in zip(recon, crops)]
+  whole = []
+  for m in masks:
+    (obj,) = seg.text_to_masks(vae, seg.mask_to_text(vae, m), *m.shape)
+    whole.append(seg.mask_iou(obj["mask"], m > 0) if obj["mask"] is not None else 0.0)
+  return {"held_out_masks": len(masks), "held_out_iou_64": float(np.mean(iou64)),
+          "held_out_iou_text": float(np.mean(whole))}
+
+
 def load_config(demo_dir: str = DEMO_DIR) -> config_lib.PaliGemmaConfig:
   with open(os.path.join(demo_dir, "config.json")) as f:
     c = json.load(f)["config"]
@@ -223,7 +322,13 @@ def main(argv=None):
   pre.add_argument("--out", default=DEMO_DIR)
   pre.add_argument("--steps", type=int, default=2000, help="captioning steps")
   pre.add_argument("--match-steps", type=int, default=2000, help="captioning + matching steps (0: none)")
+  vae = sub.add_parser("vae", help="train the demo's segmentation VAE (weights/demo/vae.npz)")
+  vae.add_argument("--out", default=VAE)
+  vae.add_argument("--steps", type=int, default=1000)
   args = p.parse_args(argv)
+  if args.cmd == "vae":
+    print(json.dumps(train_vae(args.out, steps=args.steps), indent=1))
+    return
   match = dataclasses.replace(PRETRAIN_MATCH, steps=args.match_steps) if args.match_steps else None
   print(json.dumps(pretrain(args.out, caption=dataclasses.replace(PRETRAIN_CAPTION, steps=args.steps), match=match),
                    indent=1))

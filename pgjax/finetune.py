@@ -212,12 +212,15 @@ def _rows(x):
 def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None, model: PaliGemmaConfig | None = None,
              params=None, out=None, mesh=None, resume: bool = True, resume_anyway: bool = False,
              save_full: bool = False, safetensors: bool = False, report_examples: int = 24,
-             summary_extra: dict | None = None, on_step: Callable | None = None, quiet: bool = False) -> Run:
+             summary_extra: dict | None = None, on_step: Callable | None = None, quiet: bool = False,
+             vae=None) -> Run:
   """Runs a whole fine-tuning job: load, train, evaluate before and after, save, report; resumes in `out`.
 
   Inputs: `train` and `val` are lists of rows (data.read_jsonl, demo.questions, ...) or JSONL paths. The
   model is `checkpoint` (an npz path; its config inferred from its shapes unless `model` is given) or
-  `params` (a tree in memory, with `model`); `tokenizer` a path or a Tokenizer.
+  `params` (a tree in memory, with `model`); `tokenizer` a path or a Tokenizer. Rows that give a "mask" or
+  pixel "boxes" instead of a suffix (pgjax/annotations.py) get their text built first; masks need `vae`, the
+  segmentation VAE's npz (vae-oid.npz; the demo's is weights/demo/vae.npz).
   Outputs in `out` (None: nothing is written and nothing resumes): checkpoints/ (rundir.py), metrics.jsonl,
   summary.json, report.html, and with save_full final.npz, with safetensors final_trainable.safetensors
   (and final.safetensors with save_full). A run in an `out` that holds checkpoints resumes from the newest
@@ -230,6 +233,9 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
   say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
   bar = (lambda *a, **k: None) if quiet else progress.callback
   train_rows, val_rows = _rows(train), _rows(val)
+  from pgjax import annotations
+  train_rows = annotations.build_suffixes(train_rows, vae_path=vae)
+  val_rows = annotations.build_suffixes(val_rows, vae_path=vae)
   if params is None:
     if checkpoint is None:
       raise ValueError("finetune needs a checkpoint= path, or params= and model=")

@@ -97,6 +97,32 @@ def verify_image(value, *, name: str | None = None, max_pixels: int | None = Non
   _decode(value, max_pixels, name=name, verify_only=True)
 
 
+def image_size(value) -> tuple[int, int]:
+  """(width, height) of the image the model sees (after the EXIF orientation `decode_rgb` applies), from the
+  file's header where it is a file: path, file bytes, a PIL image or an array."""
+  if isinstance(value, np.ndarray):
+    return value.shape[1], value.shape[0]
+  if isinstance(value, Image.Image):
+    im, close = value, False
+  else:
+    f = io.BytesIO(bytes(value)) if isinstance(value, (bytes, bytearray, memoryview)) else value
+    try:
+      with _OPEN_LOCK:
+        im, close = Image.open(f), True
+    except FileNotFoundError:
+      raise FileNotFoundError(f"image not found: {_name(value)}") from None
+    except Exception as e:
+      raise ImageError(f"{_name(value) if not isinstance(value, bytes) else '<image bytes>'}: cannot read the image "
+                       f"header ({type(e).__name__}: {e})") from e
+  try:
+    w, h = im.size
+    # EXIF orientations 5-8 turn the image a quarter: exif_transpose swaps width and height.
+    return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+  finally:
+    if close:
+      im.close()
+
+
 def decode_workers(workers: int | None) -> int:
   """Threads that decode images: `workers`, or by default one per core, at most 8."""
   return min(8, os.cpu_count() or 1) if workers is None else workers

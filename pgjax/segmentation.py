@@ -57,40 +57,68 @@ _NUM = re.compile(r"<(?:loc|seg)(\d+)>")
 # The checkpoint.
 
 
-def expected_shapes(vae) -> dict:
-  """Every key the codec reads and its shape, with the widths read from `vae` (a mapping of arrays).
+def vae_shapes(*, encoder=(16, 32, 64, 128), enc_hidden=128, num_codes=128, code_dim=512, decoder=128,
+               dec_hidden=128, upsample=(128, 64, 32, 16)) -> dict:
+  """Every key the codec reads and its shape, for the given widths; the defaults are the released file's.
 
-  The widths that are free: the four strided convs' outputs, the residual blocks' hidden widths, the code
-  width D and the codebook size K, the decoder's width and its four upsampling widths. Everything else
-  follows from them; a key the widths need that is missing raises KeyError naming it."""
-  out = lambda k: vae[k + ".weight"].shape[0]  # noqa: E731 (a conv's output width)
-  K, D = vae[CODEBOOK].shape
-  shapes = {CODEBOOK: (K, D)}
+  encoder: the four strided convs' outputs; enc_hidden/dec_hidden: the residual blocks' hidden widths;
+  num_codes x code_dim: the codebook (K x D); decoder: the decoder's width; upsample: its four transposed
+  convs' outputs."""
+  shapes = {CODEBOOK: (num_codes, code_dim)}
 
   def conv(key, o, i, k):
     shapes[key + ".weight"], shapes[key + ".bias"] = (o, i, k, k), (o,)
 
-  def resblock(key, c):
-    h = out(key + ".0")
+  def resblock(key, c, h):
     conv(key + ".0", h, c, 3), conv(key + ".2", h, h, 3), conv(key + ".4", c, h, 1)
 
   c = 1
-  for key in _STRIDED:
-    conv(key, out(key), c, 3)
-    c = out(key)
+  for key, o in zip(_STRIDED, encoder, strict=True):
+    conv(key, o, c, 3)
+    c = o
   for key in _ENC_RES:
-    resblock(key, c)
-  conv(_ENC_OUT, D, c, 1)
-  c = out(_DEC_IN)
-  conv(_DEC_IN, c, D, 1)
+    resblock(key, c, enc_hidden)
+  conv(_ENC_OUT, code_dim, c, 1)
+  conv(_DEC_IN, decoder, code_dim, 1)
+  c = decoder
   for key in _DEC_RES:
-    resblock(key, c)
-  for key in _UPSAMPLE:
-    o = vae[key + ".weight"].shape[1]
-    shapes[key + ".weight"], shapes[key + ".bias"] = (c, o, 4, 4), (o,)
+    resblock(key, c, dec_hidden)
+  for key, o in zip(_UPSAMPLE, upsample, strict=True):
+    shapes[key + ".weight"], shapes[key + ".bias"] = (c, o, 4, 4), (o,)  # (in, out, kh, kw)
     c = o
   conv(_DEC_OUT, 1, c, 1)
   return shapes
+
+
+def widths(vae) -> dict:
+  """The widths (vae_shapes' arguments) of a mapping of arrays, read from the keys that hold them."""
+  out = lambda k: np.shape(vae[k + ".weight"])[0]  # noqa: E731 (a conv's output width)
+  K, D = np.shape(vae[CODEBOOK])
+  return dict(encoder=tuple(out(k) for k in _STRIDED), enc_hidden=out(_ENC_RES[0] + ".0"), num_codes=K,
+              code_dim=D, decoder=out(_DEC_IN), dec_hidden=out(_DEC_RES[0] + ".0"),
+              upsample=tuple(np.shape(vae[k + ".weight"])[1] for k in _UPSAMPLE))
+
+
+def expected_shapes(vae) -> dict:
+  """vae_shapes at the widths `vae` holds: a key the widths need that is missing raises KeyError naming it."""
+  return vae_shapes(**widths(vae))
+
+
+def init_vae(key, **widths_) -> dict:
+  """Random params in the file's layout (He-normal convs, zero biases, a unit-normal codebook) at the widths
+  vae_shapes takes: the start of a VAE trained from scratch (the demo's)."""
+  shapes = vae_shapes(**widths_)
+  keys = jax.random.split(key, len(shapes))
+  out = {}
+  for k, (name, s) in zip(keys, sorted(shapes.items())):
+    if name.endswith(".bias"):
+      out[name] = jnp.zeros(s, jnp.float32)
+    elif name == CODEBOOK:
+      out[name] = jax.random.normal(k, s, jnp.float32)
+    else:
+      fan_in = (s[0] if name.rsplit(".", 1)[0] in _UPSAMPLE else s[1]) * s[2] * s[3]
+      out[name] = jax.random.normal(k, s, jnp.float32) * np.sqrt(2.0 / fan_in)
+  return out
 
 
 def check_vae(vae, source: str = "the VAE") -> dict:
@@ -169,19 +197,38 @@ def _resblock(x_BYXC, vae, key):
   return x_BYXC + _conv(h, vae, key + ".4")
 
 
-@jax.jit
-def _encode(vae, masks_BHW):
+def encoder_output(vae, masks_BHW):
+  """The encoder before quantization: masks in [0, 1] [B, 64, 64] -> z [B, 4, 4, D]."""
   x = 2.0 * (masks_BHW.astype(jnp.float32)[..., None] - 0.5)
   for key in _STRIDED:
     x = jax.nn.relu(_conv(x, vae, key, stride=2))
   for key in _ENC_RES:
     x = _resblock(x, vae, key)
-  z_BYXD = _conv(x, vae, _ENC_OUT)
+  return _conv(x, vae, _ENC_OUT)
+
+
+def nearest_code(vae, z_BYXD):
+  """The nearest codebook row by squared L2, as ||z||^2 + ||e||^2 - 2 z.e (big_vision's formula, so a
+  near-tie rounds as there): int32 [B, Y, X]."""
   e_KD = vae[CODEBOOK]
-  # Squared L2 as ||z||^2 + ||e||^2 - 2 z.e, as big_vision computes it (a near-tie rounds as there).
   d_BYXK = (jnp.sum(z_BYXD ** 2, -1, keepdims=True) + jnp.sum(e_KD ** 2, -1)
             - 2 * jnp.einsum("BYXD,KD->BYXK", z_BYXD, e_KD, precision=_HI))
-  return jnp.argmin(d_BYXK, axis=-1).reshape(masks_BHW.shape[0], -1).astype(jnp.int32)
+  return jnp.argmin(d_BYXK, axis=-1).astype(jnp.int32)
+
+
+def decoder_output(vae, x_BYXD):
+  """The decoder from code vectors [B, 4, 4, D] -> logits [B, 64, 64]."""
+  x = jax.nn.relu(_conv(x_BYXD, vae, _DEC_IN))
+  for key in _DEC_RES:
+    x = _resblock(x, vae, key)
+  for key in _UPSAMPLE:
+    x = jax.nn.relu(_conv_transpose(x, vae, key))  # the last one too, before the 1x1 (big_vision's decoder)
+  return _conv(x, vae, _DEC_OUT)[..., 0]
+
+
+@jax.jit
+def _encode(vae, masks_BHW):
+  return nearest_code(vae, encoder_output(vae, masks_BHW)).reshape(masks_BHW.shape[0], NUM_SEG)
 
 
 def encode(vae, masks_BHW):
@@ -194,15 +241,8 @@ def encode(vae, masks_BHW):
 
 @jax.jit
 def _decode(vae, codes_BN):
-  K, D = vae[CODEBOOK].shape
   side = int(round(NUM_SEG ** 0.5))
-  x = vae[CODEBOOK][codes_BN].reshape(codes_BN.shape[0], side, side, D)
-  x = jax.nn.relu(_conv(x, vae, _DEC_IN))
-  for key in _DEC_RES:
-    x = _resblock(x, vae, key)
-  for key in _UPSAMPLE:
-    x = jax.nn.relu(_conv_transpose(x, vae, key))  # the last one too, before the 1x1 (big_vision's decoder)
-  return _conv(x, vae, _DEC_OUT)[..., 0]
+  return decoder_output(vae, vae[CODEBOOK][codes_BN].reshape(codes_BN.shape[0], side, side, -1))
 
 
 def decode(vae, codes_BN):
@@ -257,18 +297,30 @@ def crop_box_px(box, height, width):
   return tuple(int(np.round(v)) for v in (h * y1, w * x1, h * y2, w * x2))
 
 
+def resize_weights(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] float64: the rows of a 1-D bilinear resize with antialiasing, as TF's
+  tf.image.resize(antialias=True) (big_vision's) and jax.image.resize compute it: pixel centres at +0.5, a
+  triangle kernel widened by the downscale factor (antialiasing; 1 when upscaling), each row normalised."""
+  scale = n_out / n_in
+  width = max(1.0 / scale, 1.0)
+  at = (np.arange(n_out) + 0.5) / scale - 0.5                        # output centres in input pixels
+  w = np.maximum(0.0, 1.0 - np.abs(at[:, None] - np.arange(n_in)[None]) / width)
+  return w / w.sum(1, keepdims=True)
+
+
 def crop_to_64(mask_HW, box=None):
   """The codec's input for one object: the mask cropped by the rounded box and resized to 64x64 bilinearly
-  with antialiasing (JAX's triangle kernel, which matches TF's tf.image.resize(antialias=True) that big_vision
-  uses, and Pillow's), /255: float32 [64, 64] in [0, 1]. box None: the mask's tight box."""
+  with antialiasing, as refcoco_mask2str does, /255: float32 [64, 64] in [0, 1]. box None: the mask's tight
+  box. Separable, in numpy (no compile per crop size)."""
   m = _as_mask255(mask_HW)
   box = mask_box(m > 0) if box is None else tuple(float(c) for c in box)
   _check_box(box)
   y1, x1, y2, x2 = crop_box_px(box, *m.shape)
   if y2 <= y1 or x2 <= x1:
     raise ValueError(f"box {box} crops no pixel of a {m.shape[0]}x{m.shape[1]} mask (rows {y1}:{y2}, cols {x1}:{x2})")
-  crop = jnp.asarray(m[y1:y2, x1:x2])
-  return np.asarray(jax.image.resize(crop, (MASK_SIZE, MASK_SIZE), "linear", antialias=True)) / 255.0
+  crop = m[y1:y2, x1:x2].astype(np.float64)
+  out = resize_weights(y2 - y1, MASK_SIZE) @ crop @ resize_weights(x2 - x1, MASK_SIZE).T
+  return (out / 255.0).astype(np.float32)
 
 
 def _check_box(box):

@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from pgjax import files
+from pgjax import annotations, files
 from pgjax.images import ImageError, decode_rgb, decode_workers, verify_image
 
 
@@ -204,6 +204,13 @@ def _make_row(obj, source, resolve) -> dict:
   for key in _TARGET_LISTS:
     _check_text_list(key, obj.get(key))
   _check_unicode(obj, "")
+  try:
+    obj = annotations.check_fields(obj, resolve)
+  except annotations.FieldError as e:
+    raise _BadRow(str(e)) from None
+  for m in obj.get("mask") or ():
+    if not os.path.isfile(m):
+      raise _BadRow(f"mask file not found: {m}")
   row = dict(obj, image=resolve(image), _source=source)
   if suffix is None:
     row.pop("suffix", None)  # null means "no suffix": a prompt only

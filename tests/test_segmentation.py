@@ -3,6 +3,8 @@ state dict, and big_vision's mask <-> text conventions pinned by literal, hand-c
 
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -78,6 +80,9 @@ def test_released_layout_loads_and_its_widths_are_read_from_the_file(tmp_path):
   vae = seg.load_vae(tmp_path / "vae-oid.npz")
   assert {k: tuple(v.shape) for k, v in vae.items()} == shapes
   assert seg.expected_shapes(arrays) == shapes
+  assert seg.vae_shapes() == shapes  # the defaults are the released widths
+  small = seg.init_vae(jax.random.key(0), **seg.widths(random_vae(small_shapes())))
+  assert {k: tuple(v.shape) for k, v in small.items()} == small_shapes()
   # The same code runs at these widths: 16 codes out, 64x64 logits back.
   assert seg.encode(vae, np.zeros((2, 64, 64), np.float32)).shape == (2, 16)
   assert seg.decode(vae, np.zeros((2, 16), np.int32)).shape == (2, 64, 64)
@@ -214,15 +219,18 @@ def test_loc_bins_are_round_of_1023_times_the_coordinate():
     seg.loc_text((0.5, 0.2, 0.4, 1.0))  # y2 < y1
 
 
-def test_crop_resize_is_antialiased_bilinear_like_pillow():
-  # An independent implementation of the same antialiased triangle filter: Pillow's float BILINEAR resize.
-  rng = np.random.default_rng(0)
-  for h, w in ((150, 90), (40, 30), (64, 64), (200, 17)):
-    m = (rng.random((h, w)) > 0.6).astype(np.uint8) * 255
-    ours = seg.crop_to_64(m, (0.0, 0.0, 1.0, 1.0))
-    ref = np.asarray(PIL.Image.fromarray(m.astype(np.float32)).resize((64, 64), PIL.Image.BILINEAR)) / 255.0
-    # Two float32 implementations of sums of up to ~10 weighted terms in [0, 1].
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5, err_msg=f"{h}x{w}")
+@pytest.mark.parametrize("h,w", [(150, 90), (40, 30), (64, 64), (200, 17), (7, 64)])
+def test_crop_resize_is_antialiased_bilinear_like_pillow_and_jax(h, w):
+  # Two independent implementations of the antialiased triangle filter TF uses: Pillow's float BILINEAR
+  # resize and jax.image.resize("linear", antialias=True).
+  m = (np.random.default_rng(h * w).random((h, w)) > 0.6).astype(np.uint8) * 255
+  ours = seg.crop_to_64(m, (0.0, 0.0, 1.0, 1.0))
+  pil = np.asarray(PIL.Image.fromarray(m.astype(np.float32)).resize((64, 64), PIL.Image.BILINEAR)) / 255.0
+  jx = np.asarray(jax.image.resize(jnp.asarray(m, jnp.float32), (64, 64), "linear", antialias=True)) / 255.0
+  # Sums of up to ~25 weighted terms in [0, 1], theirs in float32.
+  np.testing.assert_allclose(ours, pil, rtol=0, atol=2e-5)
+  np.testing.assert_allclose(ours, jx, rtol=0, atol=2e-5)
+  assert 0.2 < ours.mean() < 0.6
 
 
 def test_mask_box_and_the_crop():
