@@ -122,7 +122,9 @@ def _sha256(path) -> str:
   return h.hexdigest()
 
 
-def _read_mask(path, source, size):
+def read_mask(path, source, size):
+  """A mask PNG -> bool [H, W] (channel 0 > 0); ValueError naming `source` and the file if it is missing,
+  unreadable, not of `size` (width, height) or empty."""
   import PIL.Image
   try:
     with PIL.Image.open(path) as im:
@@ -154,7 +156,7 @@ def _build_masks(rows, vae_path, cache_dir):
     source = r.get("_source", "row")
     w, h = images.image_size(r["image"])
     for i, path in enumerate(r["mask"]):
-      m = _read_mask(path, source, (w, h))
+      m = read_mask(path, source, (w, h))
       if r.get("box") is not None:
         x0, y0, x1, y1 = r["box"][i]
         if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):

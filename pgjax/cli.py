@@ -158,7 +158,7 @@ def cmd_eval(args) -> int:
   params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
   res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, progress=progress.callback("eval", unit="ex"),
-                          decoding=decoding)
+                          decoding=decoding, vae=args.vae)
   print(json.dumps(res["metrics"], indent=1))
   if args.html:  # every row is an embedded image: the page shows the first --report-examples, the metrics all
     n = min(args.report_examples, len(rows))
@@ -352,7 +352,7 @@ def _parser():
   p.add_argument("--max-len", type=_AT_LEAST_1, help="token sequence length (prefix + suffix + eos)")
   p.add_argument("--truncate", choices=("error", "keep_eos"), help="over-long examples: error (default) or cut "
                  "the suffix but keep its eos")
-  p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"), help="eval metric (default: from the data)")
+  p.add_argument("--task", choices=("vqa", "caption", "exact", "detect", "segment"), help="eval metric (default: from the data)")
   p.add_argument("--max-new-tokens", type=_AT_LEAST_1)
   p.add_argument("--eval-every", type=_AT_LEAST_0, help="evaluate on --eval-examples val rows every N steps (0: never)")
   p.add_argument("--eval-examples", type=_AT_LEAST_0, help="val rows for the evaluations during training (0: all)")
@@ -381,7 +381,8 @@ def _parser():
   p.add_argument("--image-dir")
   p.add_argument("--skip-bad", action="store_true")
   _add_validate_images(p)
-  p.add_argument("--task", choices=("vqa", "caption", "exact", "detect"))
+  p.add_argument("--task", choices=("vqa", "caption", "exact", "detect", "segment"), help="metric (default: from the data)")
+  p.add_argument("--vae", help="the segmentation VAE (vae-oid.npz): segment rows need it to decode <seg> tokens")
   p.add_argument("--batch-size", type=_AT_LEAST_1, default=16)
   p.add_argument("--max-new-tokens", type=_AT_LEAST_1, default=32)
   p.add_argument("--dtype", default="float32", choices=_DTYPES, help="params dtype")

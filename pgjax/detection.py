@@ -4,7 +4,8 @@ The format (big_vision's, PaliGemma paper appendix): per object four tokens `<lo
 each round(c * 1023) of a coordinate normalised to [0, 1] by the ORIGINAL image's height or width (not the resized
 model input), then " label"; objects are joined by " ; ". big_vision's evaluators decode a bin as bin / 1023.
 
-Plain Python and numpy, no model: viz draws and scores boxes with it without importing jax.
+Plain Python and numpy, no model: viz draws and scores boxes with it without importing jax. COCO mAP comes
+from pycocotools.
 """
 
 from __future__ import annotations
@@ -98,10 +99,54 @@ def match_detections(pred, target, iou_threshold: float = 0.5) -> int:
   return len(used_p)
 
 
+def coco_map(predictions, targets) -> dict:
+  """COCO box mAP over lists of <loc> texts, by pycocotools (the maintained reference, not a re-implementation):
+  "map" is AP averaged over IoU 0.50:0.05:0.95 and the labels, "map50" AP at IoU 0.5, 101-point interpolated,
+  at most 100 boxes an image. A label is a category; boxes are in normalised coordinates (IoU does not depend
+  on the image's size). PaliGemma gives no confidences, so every predicted box scores 1.0: pycocotools' stable
+  sort then ranks them in the order generated, row by row, so an earlier false positive costs more than a
+  later one. Malformed groups are skipped (detection_metrics counts them). Both are None when no target has a
+  box (COCO's AP is undefined there)."""
+  import contextlib
+  import io
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+
+  preds = [parse_detections(p, 1.0, 1.0) for p in predictions]
+  gts = [parse_detections(t, 1.0, 1.0) for t in targets]
+  if len(preds) != len(gts):
+    raise ValueError(f"{len(preds)} predictions but {len(gts)} targets")
+  labels = sorted({d["label"] for ds in gts + preds for d in ds})
+  cat = {name: i + 1 for i, name in enumerate(labels)}
+  if not any(gts):
+    return {"map": None, "map50": None}
+
+  def xywh(b):
+    return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+  gt = {"images": [{"id": i + 1} for i in range(len(gts))], "categories": [{"id": c} for c in cat.values()],
+        "annotations": [{"id": n + 1, "image_id": i + 1, "category_id": cat[d["label"]], "bbox": xywh(d["box"]),
+                         "area": (d["box"][2] - d["box"][0]) * (d["box"][3] - d["box"][1]), "iscrowd": 0}
+                        for n, (i, d) in enumerate((i, d) for i, ds in enumerate(gts) for d in ds)]}
+  dets = [{"image_id": i + 1, "category_id": cat[d["label"]], "bbox": xywh(d["box"]), "score": 1.0}
+          for i, ds in enumerate(preds) for d in ds]
+  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and its table
+    coco_gt = COCO()
+    coco_gt.dataset = gt
+    coco_gt.createIndex()
+    if not dets:
+      return {"map": 0.0, "map50": 0.0}
+    ev = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+  return {"map": max(float(ev.stats[0]), 0.0), "map50": max(float(ev.stats[1]), 0.0)}
+
+
 def detection_metrics(predictions, targets, iou_threshold: float = 0.5) -> dict:
-  """Corpus precision, recall and F1 at one IoU threshold over lists of <loc> texts, plus the count of
-  malformed groups in the predictions. IoU does not depend on the image size, so boxes are parsed
-  in normalised coordinates."""
+  """Corpus precision, recall and F1 at one IoU threshold over lists of <loc> texts, the count of malformed
+  groups in the predictions, and COCO's "map" and "map50" (`coco_map`). IoU does not depend on the image
+  size, so boxes are parsed in normalised coordinates."""
   tp = n_pred = n_target = malformed = 0
   for p_text, t_text in zip(predictions, targets):
     pred, bad = parse_detections(p_text, 1.0, 1.0, return_malformed=True)
@@ -113,4 +158,5 @@ def detection_metrics(predictions, targets, iou_threshold: float = 0.5) -> dict:
   recall = tp / n_target if n_target else float(n_pred == 0)
   f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
   return {"precision": precision, "recall": recall, "f1": f1, "iou_threshold": iou_threshold,
-          "num_predicted_boxes": n_pred, "num_target_boxes": n_target, "malformed": malformed}
+          "num_predicted_boxes": n_pred, "num_target_boxes": n_target, "malformed": malformed,
+          **coco_map(predictions, targets)}

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgjax import decode, grammar, train
+from pgjax import decode, grammar, segmentation, train
 from pgjax.detection import (NUM_BINS, box_iou, detection_metrics, encode_detections,  # noqa: F401 (public)
                              match_detections, parse_detections)
 from pgjax.images import load_image, preprocess_image
@@ -224,7 +224,7 @@ def _reference(row: dict, i: int):
                    f"(keys: {sorted(row)})")
 
 
-def _check(rows, task) -> list[str]:
+def _check(rows, task, vae=None) -> list[str]:
   """Each row's task, after checking that it has what that task is scored against (before any decoding)."""
   if task is not None and task not in TASKS:
     raise ValueError(f"unknown task {task!r}: use one of {TASKS} or None")
@@ -240,10 +240,34 @@ def _check(rows, task) -> list[str]:
       if bad := parse_detections(r["suffix"], 1.0, 1.0, return_malformed=True)[1]:
         raise ValueError(f"{_where(r, i)}: {bad} target box(es) in 'suffix' are malformed (fewer than 4 <loc> "
                          f"tokens, no label, or y1 < y0 / x1 < x0; <loc> order is y0 x0 y1 x1): {r['suffix']!r}")
+    if tasks[-1] == "segment":
+      if vae is None:
+        raise ValueError(f"{_where(r, i)}: a segmentation row is scored with the segmentation VAE that decodes "
+                         "<seg> tokens (vae=, --vae: vae-oid.npz), or as text with task='exact'")
+      if not isinstance(r.get("suffix"), str) or not all(o["valid"] for o in segmentation.parse_objects(r["suffix"])) \
+          or not segmentation.parse_objects(r["suffix"]):
+        raise ValueError(f"{_where(r, i)}: segmentation needs a 'suffix' of whole objects (4 <loc>, 16 <seg>) or a "
+                         f"'mask': got {r.get('suffix')!r}")
   return tasks
 
 
-def _task_metrics(task: str, rows, preds: list[str]) -> dict:
+def _segment_targets(rows, vae) -> list[dict]:
+  """Each segmentation row's target: its mask files at full size when it has them (else the masks its suffix
+  decodes to) and its first object's box, normalised, from the suffix's <loc> (what the model is taught)."""
+  from pgjax import annotations, images
+  out = []
+  for r in rows:
+    w, h = images.image_size(r["image"])
+    if r.get("mask"):
+      masks = [annotations.read_mask(m, r.get("_source", "row"), (w, h)) for m in r["mask"]]
+    else:
+      masks = [o["mask"] for o in segmentation.text_to_masks(vae, r["suffix"], h, w)]
+    loc = segmentation.parse_objects(r["suffix"])[0]["loc"]
+    out.append({"masks": masks, "box": tuple(b / (segmentation.NUM_LOC_BINS - 1) for b in loc)})
+  return out
+
+
+def _task_metrics(task: str, rows, preds: list[str], vae=None) -> dict:
   # A row's own list for the task, else its suffix, else whichever list it has (_check made sure of one).
   targets = lambda key: [r.get(key) or ([r["suffix"]] if isinstance(r.get("suffix"), str) else  # noqa: E731
                                         r.get("answers") or r.get("references")) for r in rows]
@@ -256,11 +280,15 @@ def _task_metrics(task: str, rows, preds: list[str]) -> dict:
       return caption_metrics(preds, targets("references"))
   if task == "detect":
     return detection_metrics(preds, [r["suffix"] for r in rows])
+  if task == "segment":
+    vae = segmentation.load_vae_cached(vae) if isinstance(vae, (str, os.PathLike)) else vae
+    return segmentation.segmentation_metrics(vae, preds, _segment_targets(rows, vae))
   return {}
 
 
-def score(rows, predictions, task: str | None = None) -> dict:
-  """Task metrics of `predictions` (strings or `predict` dicts) against `rows`' targets.
+def score(rows, predictions, task: str | None = None, *, vae=None) -> dict:
+  """Task metrics of `predictions` (strings or `predict` dicts) against `rows`' targets. vae: the
+  segmentation VAE (a path or `segmentation.load_vae`'s dict), which segmentation rows need.
 
   task None detects it per row (`detect_task`); a dataset mixing tasks gets each task's metrics under
   "task/name". Always: "exact_match" (against "suffix", else any of the answers/references),
@@ -271,12 +299,12 @@ def score(rows, predictions, task: str | None = None) -> dict:
     raise ValueError(f"{len(rows)} rows but {len(predictions)} predictions")
   if not rows:
     raise ValueError("no predictions to score")
-  tasks = _check(rows, task)
+  tasks = _check(rows, task, vae)
   texts = [p if isinstance(p, str) else p["prediction"] for p in predictions]
   metrics, groups = {}, Counter(tasks)
   for t in groups:
     idx = [i for i, ti in enumerate(tasks) if ti == t]
-    m = _task_metrics(t, [rows[i] for i in idx], [texts[i] for i in idx])
+    m = _task_metrics(t, [rows[i] for i in idx], [texts[i] for i in idx], vae)
     metrics.update(m if len(groups) == 1 else {f"{t}/{k}": v for k, v in m.items()})
   metrics["exact_match"] = exact_match(texts, [_reference(r, i) for i, r in enumerate(rows)])
   metrics["truncated"] = sum(isinstance(p, dict) and not p.get("hit_eos", True) for p in predictions)
@@ -287,23 +315,26 @@ def score(rows, predictions, task: str | None = None) -> dict:
 
 def evaluate(params, cfg, tok, rows, *, task: str | None = None, batch_size: int = 8,
              max_len: int | None = None, max_new_tokens: int = 64, cache_dtype=None,
-             decode_view: bool | None = None, progress=None, decoding: decode.Decoding | None = None) -> dict:
+             decode_view: bool | None = None, progress=None, decoding: decode.Decoding | None = None,
+             vae=None) -> dict:
   """Predicts every row (dicts with "image" path or array, "prefix", and targets "suffix" and/or
-  "answers" (VQA) / "references" (captions)) and scores it. Returns dict(metrics, predictions), the
-  predictions as `predict` gives them plus each row's "prefix"; metrics["decoding"] records how they were
-  decoded (`decode.Decoding.describe`). progress, decoding: as in `predict`."""
-  rows = list(rows)
+  "answers" (VQA) / "references" (captions), or a "mask" / pixel "boxes" (pgjax/annotations.py)) and scores
+  it. Returns dict(metrics, predictions), the predictions as `predict` gives them plus each row's "prefix";
+  metrics["decoding"] records how they were decoded (`decode.Decoding.describe`). progress, decoding: as in
+  `predict`. vae: the segmentation VAE's npz path, which "segment ..." rows need (`score`)."""
+  from pgjax import annotations
+  rows = annotations.build_suffixes(list(rows), vae_path=vae)
   if not rows:
     raise ValueError("no rows to evaluate")
   for i, r in enumerate(rows):
     if "image" not in r or not isinstance(r.get("prefix"), str):
       raise ValueError(f"{_where(r, i)} needs 'image' and a string 'prefix' (keys: {sorted(r)})")
-  _check(rows, task)  # a row without targets fails now, not after the decoding
+  _check(rows, task, vae)  # a row without targets fails now, not after the decoding
   preds = predict(params, cfg, tok, [r["image"] for r in rows], [r["prefix"] for r in rows],
                   batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype,
                   decode_view=decode_view, progress=progress, decoding=decoding)
   for r, p in zip(rows, preds):
     p["prefix"] = r["prefix"]
-  metrics = score(rows, preds, task)
+  metrics = score(rows, preds, task, vae=vae)
   metrics["decoding"] = (decoding or decode.Decoding()).describe()
   return {"metrics": metrics, "predictions": preds}

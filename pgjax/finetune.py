@@ -297,7 +297,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
         return None
       t = time.time()
       res = evaluate.evaluate(train_lib.merge(trainable, frozen), cfg, tok, rows, task=tc.task,
-                              batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens,
+                              batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens, vae=vae,
                               progress=bar(f"eval {label}", unit="ex"))
       res["metrics"]["seconds"] = round(time.time() - t, 1)
       say(f"eval {label} ({len(rows)} examples): {json.dumps({k: v for k, v in res['metrics'].items() if isinstance(v, float)})}")

@@ -325,13 +325,13 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
 # ---------------------------------------------------------------------------------------------------
 # Which metric scores a row.
 
-TASKS = ("vqa", "caption", "exact", "detect")
+TASKS = ("vqa", "caption", "exact", "detect", "segment")
 
 
 def detect_task(row: dict) -> str:
   """The task of one row from its fields, then its prefix: "answers" -> vqa (an "answer en ..." row with
   only a suffix is scored by exact match), "references" or "caption ..." -> caption, "detect ..." ->
-  detect, anything else -> exact."""
+  detect, "segment ..." -> segment, anything else -> exact."""
   prefix = row.get("prefix", "").lstrip()
   word = prefix.split(maxsplit=1)[0] if prefix else ""
   if row.get("answers"):
@@ -340,4 +340,6 @@ def detect_task(row: dict) -> str:
     return "caption"
   if word == "detect":
     return "detect"
+  if word == "segment":
+    return "segment"
   return "exact"

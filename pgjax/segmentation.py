@@ -427,6 +427,47 @@ def mask_iou(a_HW, b_HW) -> float:
   return float((a & b).sum() / union) if union else 0.0
 
 
+def _box_iou_yxyx(a, b) -> float:
+  """IoU of two (y1, x1, y2, x2) boxes, as big_vision's segmentation evaluator computes it."""
+  area = lambda y1, x1, y2, x2: max(x2 - x1, 0.0) * max(y2 - y1, 0.0)  # noqa: E731
+  inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+  union = area(*a) + area(*b) - inter
+  return inter / union if union > 0 else 0.0
+
+
+def segmentation_metrics(vae, predictions, targets) -> dict:
+  """big_vision's segmentation evaluator over model texts. targets: one dict per example, masks=[bool
+  [H, W], ...] (its objects at the image's full size) and box=(y1, x1, y2, x2) normalised (its first object's).
+
+  "miou": the mean over examples of the mask IoU, 0 for an invalid prediction (parse_objects' rules, or a
+  box that collapses to no pixel). With one target object the prediction's first object is scored and the
+  rest ignored, as the evaluator reads only the first 20 tokens; with several, the union of the valid
+  predicted masks against the union of the targets'. "box_accuracy": the share of examples whose first
+  predicted box has IoU >= 0.5 with the target's (normalised; an invalid prediction's box scores 0), the
+  evaluator's boxacc/0.5. "invalid": examples whose first object is invalid."""
+  predictions, targets = list(predictions), list(targets)
+  if len(predictions) != len(targets):
+    raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
+  ious, hits, invalid = [], 0, 0
+  for text, t in zip(predictions, targets):
+    H, W = t["masks"][0].shape
+    objs = text_to_masks(vae, text, H, W)
+    first_ok = bool(objs) and objs[0]["mask"] is not None
+    invalid += not first_ok
+    target = np.any(np.stack(t["masks"]), axis=0)
+    if len(t["masks"]) == 1:
+      ious.append(mask_iou(objs[0]["mask"], target) if first_ok else 0.0)
+    else:
+      masks = [o["mask"] for o in objs if o["mask"] is not None]
+      ious.append(mask_iou(np.any(np.stack(masks), axis=0), target) if masks else 0.0)
+    if first_ok:
+      loc = parse_objects(text)[0]["loc"]
+      hits += _box_iou_yxyx([b / (NUM_LOC_BINS - 1) for b in loc], t["box"]) >= 0.5
+  n = len(targets)
+  return {"miou": float(np.mean(ious)) if n else 0.0, "box_accuracy": hits / n if n else 0.0,
+          "invalid": invalid, "num_examples": n}
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_vae(path: str, mtime_ns: int):
   return load_vae(path)

@@ -84,3 +84,48 @@ def test_imports_without_jax():
   code = "import sys, pgjax.detection; assert 'jax' not in sys.modules, sorted(sys.modules)"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's pgjax
   subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+# COCO mAP: expected values computed by hand from COCO's definition (101 recall points, IoU >= t matches);
+# approx: pycocotools averages the 101 points in float64 (1.0 comes back as 0.9999999999999998).
+def loc(y0, x0, y1, x1, label):
+  return "".join(f"<loc{b:04d}>" for b in (y0, x0, y1, x1)) + " " + label
+
+
+def test_coco_map_of_an_exact_box_is_one_and_of_an_iou_0625_box_is_three_tenths():
+  gt = loc(0, 0, 800, 800, "cat")
+  assert detection.coco_map([gt], [gt]) == pytest.approx({"map": 1.0, "map50": 1.0})
+  # [0, 800]^2 against [0, 800] x [0, 500]: IoU 500/800 = 0.625, a match at t = 0.50, 0.55, 0.60 of the 10.
+  m = detection.coco_map([loc(0, 0, 800, 500, "cat")], [gt])
+  assert m["map50"] == pytest.approx(1.0) and m["map"] == pytest.approx(0.3)
+
+
+def test_coco_map_counts_a_miss_and_a_later_duplicate():
+  a, b = loc(0, 0, 400, 400, "cat"), loc(500, 500, 900, 900, "cat")
+  # Two targets, one found: precision 1 up to recall 0.5, none past it: 51 of the 101 recall points.
+  assert detection.coco_map([a], [f"{a} ; {b}"])["map"] == pytest.approx(51 / 101)
+  # A duplicate after the match is a false positive past recall 1: the interpolated precision stays 1.
+  assert detection.coco_map([f"{a} ; {a}"], [a])["map"] == pytest.approx(1.0)
+  # A wrong label is no match.
+  assert detection.coco_map([loc(0, 0, 400, 400, "dog")], [a])["map"] == 0.0
+
+
+def test_coco_map_ranks_equal_scores_in_the_order_generated_and_empty_images_count():
+  a = loc(0, 0, 400, 400, "cat")
+  fp = loc(500, 500, 900, 900, "cat")
+  # Row 0 has no target; its box is a false positive. First in order, it is ranked above the true positive:
+  # precision 1/2 at recall 1, so 0.5 at every recall point. After it, the true positive comes first: 1.0.
+  assert detection.coco_map([fp, a], ["", a])["map"] == pytest.approx(0.5)
+  assert detection.coco_map([a, fp], [a, ""])["map"] == pytest.approx(1.0)
+  # Within a row, the order generated.
+  assert detection.coco_map([f"{fp} ; {a}"], [a])["map"] == pytest.approx(0.5)
+  # An empty image with nothing predicted changes nothing; no target anywhere leaves AP undefined.
+  assert detection.coco_map([a, ""], [a, ""])["map"] == pytest.approx(1.0)
+  assert detection.coco_map([a], [""]) == {"map": None, "map50": None}
+  assert detection.coco_map([""], [a]) == {"map": 0.0, "map50": 0.0}
+
+
+def test_detection_metrics_carry_map_next_to_f1():
+  a = loc(0, 0, 400, 400, "cat")
+  m = detection.detection_metrics([a], [a])
+  assert m["map"] == pytest.approx(1.0) and m["map50"] == pytest.approx(1.0) and m["f1"] == 1.0

@@ -225,8 +225,10 @@ def test_score_rejects_bad_input():
     evaluate.score([dict(prefix="a", answers="yes")], ["yes"])
   with pytest.raises(ValueError, match="row 0: detection needs a string 'suffix'"):
     evaluate.score([dict(prefix="detect cat", references=["<loc0001> cat"])], ["x"], task="detect")
-  with pytest.raises(ValueError, match="unknown task 'segment'"):
-    evaluate.score([dict(prefix="a", suffix="b")], ["b"], task="segment")
+  with pytest.raises(ValueError, match="unknown task 'depth'"):
+    evaluate.score([dict(prefix="a", suffix="b")], ["b"], task="depth")
+  with pytest.raises(ValueError, match="row 0: a segmentation row is scored with the segmentation VAE"):
+    evaluate.score([dict(prefix="segment cat", suffix="b")], ["b"])
   # Rows read from a JSONL are named by file and line.
   with pytest.raises(ValueError, match="val.jsonl:7 has no target"):
     evaluate.score([dict(prefix="a", suffix="b"), dict(prefix="caption en", _source="val.jsonl:7")], ["b", "c"])

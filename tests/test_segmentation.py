@@ -321,3 +321,52 @@ def test_a_box_that_collapses_after_truncation_is_invalid():
   # bins 100 and 101 of a 10-pixel side: 0.977 and 0.987 both truncate to 0.
   (obj,) = seg.text_to_masks(constant_vae(1.0), "<loc0100><loc0100><loc0101><loc0900>" + SEGS, 10, 10)
   assert obj["box"] is None and obj["mask"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluator's metrics, hand-computed with a decoder that fills the box.
+
+
+def test_segmentation_metrics_are_big_vision_miou_and_box_accuracy():
+  vae = constant_vae(1.0)
+  half = np.zeros((100, 100), bool)
+  half[:50] = True
+  target = {"masks": [half], "box": (0.0, 0.0, 0.5, 1.0)}
+  preds = ["<loc0000><loc0000><loc0512><loc1023>" + SEGS + " ; <loc0000><loc0000><loc1023><loc1023>" + SEGS,
+           "<loc0000><loc0000>" + SEGS,  # invalid: IoU 0, box 0
+           "<loc0000><loc0000><loc1023><loc1023>" + SEGS]
+  m = seg.segmentation_metrics(vae, preds, [target] * 3)
+  # Row 0: rows 0..int(512/1023*100) = 50, the first object only: IoU 1 (its second, the whole image, is
+  # ignored as the evaluator ignores tokens after the 20th). Row 2: the whole image against the top half: 0.5,
+  # box IoU 0.5 >= 0.5 a hit.
+  assert m["miou"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+  assert m["box_accuracy"] == pytest.approx(2 / 3) and m["invalid"] == 1 and m["num_examples"] == 3
+
+
+def test_segmentation_metrics_take_the_union_when_the_target_has_several_objects():
+  vae = constant_vae(1.0)
+  a, b = np.zeros((100, 100), bool), np.zeros((100, 100), bool)
+  a[:50, :50], b[50:, 50:] = True, True
+  pred = ("<loc0000><loc0000><loc0512><loc0512>" + SEGS + " one ; " + "<loc0512><loc0512><loc1023><loc1023>" + SEGS
+          + " two")
+  m = seg.segmentation_metrics(vae, [pred], [{"masks": [a, b], "box": (0.0, 0.0, 0.5, 0.5)}])
+  # Boxes [0, 50)^2 and [50, 100)^2 (512/1023*100 = 50.05 -> 50): exactly the two targets.
+  assert m["miou"] == pytest.approx(1.0) and m["box_accuracy"] == 1.0
+
+
+def test_evaluate_scores_segment_rows_from_their_mask_files(tmp_path):
+  from pgjax import evaluate
+  PIL.Image.new("RGB", (100, 100)).save(tmp_path / "im.png")
+  half = np.zeros((100, 100), np.uint8)
+  half[:50] = 255
+  PIL.Image.fromarray(half).save(tmp_path / "m.png")
+  vae_path = tmp_path / "vae.npz"
+  seg.save_vae(vae_path, constant_vae(1.0))
+  rows = [{"image": str(tmp_path / "im.png"), "prefix": "segment top", "mask": [str(tmp_path / "m.png")],
+           "_source": "val.jsonl:1"}]
+  from pgjax import annotations
+  rows = annotations.build_suffixes(rows, vae_path=str(vae_path), cache_dir="off")
+  m = evaluate.score(rows, ["<loc0000><loc0000><loc1023><loc1023>" + SEGS], vae=str(vae_path))
+  assert m["task"] == "segment" and m["miou"] == pytest.approx(0.5) and m["box_accuracy"] == 1.0
+  with pytest.raises(ValueError, match=r"val\.jsonl:1: a segmentation row is scored with the segmentation VAE"):
+    evaluate.score(rows, ["x"])
