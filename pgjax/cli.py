@@ -77,7 +77,7 @@ def train_config(args):
   """The run's TrainConfig: the preset (the demo's without --train, else the recipe's defaults) with every
   flag that was given."""
   from pgjax import demo, finetune
-  base = demo.FINETUNE if args.train is None else finetune.TrainConfig()
+  base = demo.PRESETS[args.demo or "vqa"] if args.train is None else finetune.TrainConfig()
   given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
   optimizer = {k: v for k, v in (("name", args.optimizer), ("weight_decay", args.weight_decay)) if v is not None}
   if optimizer:
@@ -96,10 +96,14 @@ def cmd_finetune(args) -> int:
   if args.distributed:
     jax.distributed.initialize()  # coordinator, process count and id from the standard environment
   is_demo = args.train is None
+  vae = args.vae
+  if args.demo is not None and not is_demo:
+    raise ValueError("--demo picks the embedded demo's task; it runs without --train")
   if is_demo:
     if args.checkpoint is not None:
       raise ValueError("--train is required when fine-tuning your own --checkpoint")
-    train_rows, val_rows = demo.questions("train"), demo.questions("test")
+    train_rows, val_rows = demo.rows(args.demo or "vqa", "train"), demo.rows(args.demo or "vqa", "test")
+    vae = vae or (demo.VAE if args.demo == "segment" else None)
   else:
     train_rows = _rows(args.train, args.image_dir, args.skip_bad, "train", args.validate_images)
     val_rows = _rows(args.val, args.image_dir, args.skip_bad, "val", args.validate_images) if args.val else []
@@ -116,7 +120,8 @@ def cmd_finetune(args) -> int:
       finetune.finetune(tc, train=train_rows, val=val_rows, checkpoint=ckpt, tokenizer=tok, model=cfg, out=out,
                         mesh=mesh, resume=not args.no_resume, resume_anyway=args.resume_anyway,
                         save_full=args.save_full, safetensors=args.safetensors,
-                        report_examples=args.report_examples, summary_extra={"demo": is_demo}, vae=args.vae)
+                        report_examples=args.report_examples,
+                        summary_extra={"demo": (args.demo or "vqa") if is_demo else False}, vae=vae)
   except finetune.SettingError as e:
     extra = f" (--model-parallel {args.model_parallel})" if e.field == "batch_size" else ""
     raise ValueError(f"{_flag(e.field)} {e.detail}{extra}") from None
@@ -163,8 +168,12 @@ def cmd_eval(args) -> int:
   if args.html:  # every row is an embedded image: the page shows the first --report-examples, the metrics all
     n = min(args.report_examples, len(rows))
     title = f"pgjax eval: {args.data}" + (f" (the first {n} of {len(rows)} rows)" if n < len(rows) else "")
+    vae = None
+    if args.vae:
+      from pgjax import segmentation
+      vae = segmentation.load_vae_cached(args.vae)
     viz.write_html(args.html, viz.predictions_html(rows[:n], res["predictions"][:n], title=title,
-                                                   metrics=res["metrics"]))
+                                                   metrics=res["metrics"], vae=vae))
   if args.predictions:
     with open(args.predictions, "w") as f:
       for r, p in zip(rows, res["predictions"]):
@@ -198,12 +207,18 @@ def cmd_predict(args) -> int:
 
 
 def cmd_show_data(args) -> int:
-  from pgjax import data, viz
+  from pgjax import annotations, data, viz
   rows = _rows(args.data, args.image_dir, True, "show-data")
+  # Rows that give masks or boxes are shown with the text built for them: what the model will be taught.
+  built = annotations.build_suffixes(rows, vae_path=args.vae)
   if args.tokenizer:
     from pgjax import tokenizer
-    print(data.format_stats(data.stats(rows, tokenizer.Tokenizer(args.tokenizer), args.max_len)))
-  viz.write_html(args.html, viz.data_html(rows[:args.limit], title=f"pgjax data: {args.data}"))
+    print(data.format_stats(data.stats(built, tokenizer.Tokenizer(args.tokenizer), args.max_len)))
+  vae = None
+  if args.vae:
+    from pgjax import segmentation
+    vae = segmentation.load_vae_cached(args.vae)
+  viz.write_html(args.html, viz.data_html(built[:args.limit], title=f"pgjax data: {args.data}", vae=vae))
   print(f"{len(rows)} rows ({len(rows.skipped)} bad, skipped); view: {args.html}")
   return 0
 
@@ -330,6 +345,8 @@ def _parser():
                  "pixel \"boxes\" + \"labels\" instead of the suffix")
   p.add_argument("--val", help="validation JSONL (suffix, or answers for VQA)")
   p.add_argument("--vae", help="the segmentation VAE (vae-oid.npz) that turns rows' masks into <seg> text")
+  p.add_argument("--demo", choices=("vqa", "detect", "segment"),
+                 help="without --train: the embedded demo's task (default vqa; detect reports COCO mAP, segment mIoU)")
   p.add_argument("--image-dir", help="resolve image paths against this folder instead of the JSONL's")
   p.add_argument("--skip-bad", action="store_true", help="skip (and report) malformed rows instead of failing")
   _add_validate_images(p)
@@ -412,6 +429,8 @@ def _parser():
   p.add_argument("--max-len", type=_AT_LEAST_1, default=128)
   p.add_argument("--limit", type=_AT_LEAST_0, default=100)
   p.add_argument("--html", default="data.html")
+  p.add_argument("--vae", help="the segmentation VAE (vae-oid.npz): mask rows get their <seg> text, and every "
+                 "<seg> text is drawn as the mask it decodes to")
   p.set_defaults(fn=cmd_show_data)
 
   p = sub.add_parser("inspect", help="list a checkpoint's leaves, shapes, dtypes, counts and shardings")

@@ -241,6 +241,51 @@ def _image_paths(split: str) -> list[str]:
   return [paths[i] for i in sorted(paths)]
 
 
+def _shape_rows(split: str):
+  """(image path, shape name, mask) of every image whose shape the questions determine (as `captions`)."""
+  for r in captions(split):
+    yield r["image"], r["suffix"].split()[-1], shape_mask(r["image"])
+
+
+def detect_rows(split: str) -> list[dict]:
+  """"detect <shape>" rows, each with its shape's tight pixel box (annotations.py builds the <loc> text)."""
+  rows = []
+  for image, shape, m in _shape_rows(split):
+    ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    rows.append({"image": image, "prefix": f"detect {shape}", "labels": [shape],
+                 "boxes": [[int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1]]})
+  return rows
+
+
+def segment_rows(split: str, mask_dir: str) -> list[dict]:
+  """"segment <shape>" rows with their shape's mask, written as PNGs into `mask_dir` (named by image)."""
+  import PIL.Image
+  os.makedirs(mask_dir, exist_ok=True)
+  rows = []
+  for image, shape, m in _shape_rows(split):
+    path = os.path.join(mask_dir, f"{split}-{os.path.splitext(os.path.basename(image))[0]}.png")
+    if not os.path.isfile(path):
+      PIL.Image.fromarray(m).save(path)
+    rows.append({"image": image, "prefix": f"segment {shape}", "mask": [path]})
+  return rows
+
+
+MASK_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "pgjax", "demo-masks")
+
+
+def rows(task: str, split: str) -> list[dict]:
+  """The demo's rows for `task`: "vqa" (questions), "detect" (detect_rows) or "segment" (segment_rows, the
+  masks written once under MASK_DIR)."""
+  if task == "vqa":
+    return questions(split)
+  if task == "detect":
+    return detect_rows(split)
+  if task == "segment":
+    return segment_rows(split, MASK_DIR)
+  raise ValueError(f"unknown demo task {task!r}: vqa, detect or segment")
+
+
 def train_vae(out_path: str = VAE, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
               log_every: int = 100) -> dict:
   """Trains the demo VAE on easy-vqa's train masks, each cropped to its box as refcoco_mask2str crops it, and

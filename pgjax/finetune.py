@@ -86,7 +86,7 @@ class TrainConfig:
   truncate: str = "error"  # or "keep_eos": cut over-long suffixes but keep their eos (reported)
   seed: int = 0  # the data order and augmentation: every step is a function of (seed, step)
   # Evaluation: before and after training on every val row, during training on the first eval_examples.
-  task: str | None = None  # vqa, caption, exact or detect; None: from the data (evaluate.detect_task)
+  task: str | None = None  # vqa, caption, exact, detect or segment; None: from the data (evaluate.detect_task)
   max_new_tokens: int = 32
   eval_every: int = 0  # steps between evaluations during training; 0: none
   eval_examples: int = 64  # val rows for the evaluations during training; 0: all
@@ -365,7 +365,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
     }
     if out is not None:
       _write_outputs(out, params, trainable, summary, history, eval_points, before, after, val_rows,
-                     save_full=save_full, safetensors=safetensors, report_examples=report_examples)
+                     save_full=save_full, safetensors=safetensors, report_examples=report_examples, vae=vae)
       say(f"done in {time.time() - t0:.0f}s. Outputs in {out}: summary.json, metrics.jsonl, report.html, "
           f"checkpoints/{', final.npz' if save_full else ''}")
     return Run(params=params, history=history, before=before, after=after, summary=summary, out=out)
@@ -408,8 +408,8 @@ def make_out_dir(out, *, name: str = "out") -> str:
 
 
 def _write_outputs(out, params, trainable, summary, history, eval_points, before, after, val_rows, *,
-                   save_full, safetensors, report_examples):
-  """final.npz / safetensors as asked, summary.json and report.html."""
+                   save_full, safetensors, report_examples, vae=None):
+  """final.npz / safetensors as asked, summary.json and report.html (with `vae`, masks drawn)."""
   from pgjax import checkpoint, viz
   if save_full:
     checkpoint.save(os.path.join(out, "final.npz"), params)
@@ -421,7 +421,10 @@ def _write_outputs(out, params, trainable, summary, history, eval_points, before
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   shown = {k: v for k, v in summary.items() if k not in ("config", "train_config", "before", "after")}
-  grid = viz.predictions_grid(val_rows[:report_examples], after["predictions"][:report_examples]) if after else ""
+  from pgjax import segmentation
+  vae = segmentation.load_vae_cached(vae) if vae is not None else None
+  grid = viz.predictions_grid(val_rows[:report_examples], after["predictions"][:report_examples],
+                              vae=vae) if after else ""
   table = {name: {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))}
            for name, res in (("before", before), ("after", after)) if res}
   viz.write_html(os.path.join(out, "report.html"), viz.report_html(

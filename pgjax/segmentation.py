@@ -412,7 +412,8 @@ def text_to_masks(vae, text: str, height: int, width: int) -> list[dict]:
     if box is not None and (box[2] <= box[0] or box[3] <= box[1]):
       box = None
     out.append(dict(label=o["label"], box=box, mask=None))
-  todo = [i for i, o in enumerate(objs) if o["valid"] and out[i]["box"] is not None]
+  K = vae[CODEBOOK].shape[0]  # a VAE with fewer than 128 codes (the demo's may) cannot decode the rest
+  todo = [i for i, o in enumerate(objs) if o["valid"] and out[i]["box"] is not None and max(o["seg"]) < K]
   if todo:
     logits = np.asarray(decode(vae, np.array([objs[i]["seg"] for i in todo])))
     for i, lg in zip(todo, logits):

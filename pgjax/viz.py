@@ -86,22 +86,50 @@ def draw_detections(im: Image.Image, text: str, color=PRED_COLOR) -> int:
   return len(dets)
 
 
-def image_uri(image, *, max_side: int = 256, boxes: tuple = (), fmt: str = "JPEG") -> str:
-  """A data URI of `image` shrunk to `max_side`, with (text, color) pairs in `boxes` drawn on it."""
+def draw_masks(im: Image.Image, objects, size, color=PRED_COLOR, alpha: float = 0.45) -> int:
+  """Blends each object's mask (`segmentation.text_to_masks` of the original image, whose (width, height) is
+  `size`) in `color` onto `im` in place, scaled to it, with its box and label; an object without a mask shows
+  its box alone. Returns how many masks were drawn."""
+  sx, sy = im.width / size[0], im.height / size[1]
+  base, n = np.asarray(im, np.float32).copy(), 0
+  for o in objects:
+    if o.get("mask") is not None:
+      m = np.asarray(Image.fromarray(o["mask"]).resize(im.size, Image.Resampling.NEAREST))
+      base[m] = (1 - alpha) * base[m] + alpha * np.asarray(color, np.float32)
+      n += 1
+  im.paste(Image.fromarray(base.round().astype(np.uint8)))
+  draw = ImageDraw.Draw(im)
+  for o in objects:
+    if o.get("box") is not None:
+      x0, y0, x1, y1 = o["box"]
+      draw.rectangle([x0 * sx, y0 * sy, x1 * sx, y1 * sy], outline=color, width=2)
+      draw.text((x0 * sx + 3, y0 * sy + 2), o.get("label") or "", fill=color)
+  return n
+
+
+def image_uri(image, *, max_side: int = 256, boxes: tuple = (), fmt: str = "JPEG", vae=None) -> str:
+  """A data URI of `image` shrunk to `max_side`, with (text, color) pairs in `boxes` drawn on it: `<loc>`
+  boxes, and with `vae` (the segmentation VAE's params) the masks of texts with `<seg>` as coloured overlays."""
   im = to_pil(image)
+  size = im.size
   im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
   for text, color in boxes:
-    if text:
+    if not text:
+      continue
+    if vae is not None and "<seg" in text:
+      from pgjax import segmentation  # jax: only when masks are drawn
+      draw_masks(im, segmentation.text_to_masks(vae, text, size[1], size[0]), size, color)
+    else:
       draw_detections(im, text, color)
   buf = io.BytesIO()
   im.save(buf, format=fmt, **({"quality": 88} if fmt == "JPEG" else {}))
   return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def _img_tag(image, boxes=(), max_side=256) -> str:
+def _img_tag(image, boxes=(), max_side=256, vae=None) -> str:
   try:
     # Shown in a max_side box whatever the size, so small inputs (the model's 224 px) stay legible.
-    uri = image_uri(image, boxes=boxes, max_side=max_side)
+    uri = image_uri(image, boxes=boxes, max_side=max_side, vae=vae)
     return f'<img src="{uri}" alt="" style="width:{max_side}px;height:{max_side}px">'
   except Exception as e:  # a report should survive one bad image (Pillow raises many types)
     return f'<div class="note">image unavailable: {_e(type(e).__name__)}: {_e(e)}</div>'
@@ -123,8 +151,9 @@ def _targets(row) -> str | None:
   return row.get("suffix")
 
 
-def data_grid(rows, *, max_side: int = 256) -> str:
-  """Cards of image | prefix, suffix (and answers/references); a suffix with `<loc>` boxes is drawn."""
+def data_grid(rows, *, max_side: int = 256, vae=None) -> str:
+  """Cards of image | prefix, suffix (and answers/references); a suffix with `<loc>` boxes is drawn, and with
+  `vae` its `<seg>` masks as decoded from the text (what the model will be taught)."""
   cards = []
   for i, r in enumerate(rows):
     suffix = r.get("suffix")
@@ -135,14 +164,15 @@ def data_grid(rows, *, max_side: int = 256) -> str:
       if r.get(key):
         body += _field(key, " | ".join(r[key]))
     boxes = ((suffix, TARGET_COLOR),) if isinstance(suffix, str) else ()
-    cards.append(f'<div class="card">{_img_tag(r.get("image"), boxes, max_side)}<div class="t">{body}</div></div>')
+    cards.append(f'<div class="card">{_img_tag(r.get("image"), boxes, max_side, vae)}<div class="t">{body}</div></div>')
   return f'<div class="grid">{"".join(cards)}</div>'
 
 
-def data_html(rows, title: str = "pgjax data", *, max_side: int = 256) -> str:
-  """The dataset sanity view: each image beside its prefix and suffix, as the model will see them."""
+def data_html(rows, title: str = "pgjax data", *, max_side: int = 256, vae=None) -> str:
+  """The dataset sanity view: each image beside its prefix and suffix, as the model will see them (with `vae`,
+  the `<seg>` masks too)."""
   rows = list(rows)
-  return _page(title, f"<p>{len(rows)} examples</p>" + data_grid(rows, max_side=max_side))
+  return _page(title, f"<p>{len(rows)} examples</p>" + data_grid(rows, max_side=max_side, vae=vae))
 
 
 def _verdict(row, pred: str) -> tuple[str, str]:
@@ -163,9 +193,10 @@ def _verdict(row, pred: str) -> tuple[str, str]:
   return ("ok" if ok else "bad"), note
 
 
-def predictions_grid(rows, predictions, *, max_side: int = 256) -> str:
+def predictions_grid(rows, predictions, *, max_side: int = 256, vae=None) -> str:
   """Cards of image | prefix, prediction, target; green/red edge for right/wrong where comparable.
-  Predicted boxes are drawn in magenta, target boxes in green. `predictions`: strings or `predict` dicts."""
+  Predicted boxes are drawn in magenta, target boxes in green. With `vae`, `<seg>` masks are overlaid, the
+  target's image next to the prediction's. `predictions`: strings or `predict` dicts."""
   rows, predictions = list(rows), list(predictions)
   if len(rows) != len(predictions):
     raise ValueError(f"{len(rows)} rows but {len(predictions)} predictions")
@@ -182,7 +213,11 @@ def predictions_grid(rows, predictions, *, max_side: int = 256) -> str:
     if note:
       body += f'<div class="k">{_e(note)}</div>'
     suffix = r.get("suffix") if isinstance(r.get("suffix"), str) else ""
-    img = _img_tag(r.get("image"), ((suffix, TARGET_COLOR), (text, PRED_COLOR)), max_side)
+    if vae is not None and "<seg" in suffix + text:  # two overlays on one image would hide each other
+      img = (_img_tag(r.get("image"), ((suffix, TARGET_COLOR),), max_side, vae)
+             + _img_tag(r.get("image"), ((text, PRED_COLOR),), max_side, vae))
+    else:
+      img = _img_tag(r.get("image"), ((suffix, TARGET_COLOR), (text, PRED_COLOR)), max_side)
     cards.append(f'<div class="card {cls}">{img}<div class="t">{body}</div></div>')
   return f'<div class="grid">{"".join(cards)}</div>'
 
@@ -206,10 +241,10 @@ def _fmt(v) -> str:
 
 
 def predictions_html(rows, predictions, title: str = "pgjax predictions", metrics: dict | None = None, *,
-                     max_side: int = 256) -> str:
+                     max_side: int = 256, vae=None) -> str:
   """A page of `predictions_grid`, with a metrics table on top when given."""
   top = metrics_table({"value": metrics}) if metrics else ""
-  return _page(title, top + predictions_grid(rows, predictions, max_side=max_side))
+  return _page(title, top + predictions_grid(rows, predictions, max_side=max_side, vae=vae))
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:

@@ -317,6 +317,13 @@ def test_invalid_objects_have_no_mask_and_never_raise(text, why):
   assert obj["mask"] is None, why
 
 
+def test_a_code_past_the_vaes_codebook_is_invalid_not_an_error():
+  # small_shapes' codebook has 16 rows; <seg100> is a token, but not one of this VAE's codes.
+  (obj,) = seg.text_to_masks(constant_vae(1.0), "<loc0100><loc0100><loc0900><loc0900>" + SEGS.replace(
+      "<seg003>", "<seg100>"), 10, 10)
+  assert obj["box"] == (0, 0, 8, 8) and obj["mask"] is None
+
+
 def test_a_box_that_collapses_after_truncation_is_invalid():
   # bins 100 and 101 of a 10-pixel side: 0.977 and 0.987 both truncate to 0.
   (obj,) = seg.text_to_masks(constant_vae(1.0), "<loc0100><loc0100><loc0101><loc0900>" + SEGS, 10, 10)

@@ -159,3 +159,53 @@ def test_imports_without_jax_or_the_model():
   code = "import sys, pgjax.viz; assert not {'jax', 'pgjax.evaluate'} & set(sys.modules), sorted(sys.modules)"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's pgjax
   subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def _filling_vae(logit=1.0):
+  """A segmentation VAE whose decoder says `logit` everywhere: every valid object's mask is its whole box."""
+  from pgjax import segmentation
+  shapes = segmentation.vae_shapes(encoder=(2, 2, 2, 2), enc_hidden=2, num_codes=16, code_dim=2, decoder=2,
+                                   dec_hidden=2, upsample=(2, 2, 2, 2))
+  vae = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+  vae["decoder.12.bias"][:] = logit
+  return segmentation.check_vae(vae)
+
+
+SEGS = "".join(f"<seg{i:03d}>" for i in range(16))
+
+
+def _seg_page():
+  # A black 200 x 100 image: the target mask is its left half, the predicted one its right half.
+  rows = [dict(image=np.zeros((100, 200, 3), np.uint8), prefix="segment cat",
+               suffix="<loc0000><loc0000><loc1023><loc0512>" + SEGS + " cat")]
+  return viz.predictions_html(rows, ["<loc0000><loc0512><loc1023><loc1023>" + SEGS + " cat"], vae=_filling_vae())
+
+
+def test_masks_are_overlaid_target_next_to_prediction():
+  target, pred = _decode_images(_seg_page())  # two images: the target's overlay, then the prediction's
+  tint = lambda im, color: np.abs(im.astype(int) - np.asarray(color) * 0.45).max(-1) < 40  # noqa: E731 (on black)
+  # Shown as it is (200 x 100, under max_side): the left half is x < 100 (margins for the outline, label, JPEG).
+  assert target.shape == (100, 200, 3)
+  assert tint(target, viz.TARGET_COLOR)[20:90, 5:95].mean() > 0.9 and not tint(target, viz.TARGET_COLOR)[20:90, 110:].any()
+  assert tint(pred, viz.PRED_COLOR)[20:90, 105:195].mean() > 0.9 and not tint(pred, viz.PRED_COLOR)[20:90, :90].any()
+
+
+def test_data_view_draws_the_masks_a_suffix_decodes_to():
+  rows = [dict(image=np.zeros((100, 200, 3), np.uint8), prefix="segment cat",
+               suffix="<loc0000><loc0000><loc1023><loc0512>" + SEGS + " cat")]
+  (im,) = _decode_images(viz.data_html(rows, vae=_filling_vae()))
+  tint = np.abs(im.astype(int) - np.asarray(viz.TARGET_COLOR) * 0.45).max(-1) < 40
+  assert tint[20:90, 5:95].mean() > 0.9 and not tint[20:90, 110:].any()
+  # Without the VAE the box alone is drawn: no fill.
+  (plain,) = _decode_images(viz.data_html(rows))
+  assert not (np.abs(plain.astype(int) - np.asarray(viz.TARGET_COLOR) * 0.45).max(-1) < 40)[30:90, 30:90].any()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH (apt-get install chromium)")
+def test_mask_overlays_render_in_headless_chromium(tmp_path):
+  path = viz.write_html(tmp_path / "seg.html", _seg_page())
+  px = screenshot(path, tmp_path / "shot.png").astype(int)
+  for color in (viz.TARGET_COLOR, viz.PRED_COLOR):
+    tinted = np.abs(px[..., :3] - np.asarray(color) * 0.45).max(-1) < 40
+    assert tinted.sum() > 100 * 100, (color, tinted.sum())
