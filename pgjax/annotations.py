@@ -47,7 +47,8 @@ def check_fields(obj: dict, resolve_path) -> dict:
         raise FieldError(f'"{k}" is given without a "mask"')
     return obj
   if obj.get("suffix") is not None:
-    raise FieldError(f'both "suffix" and "{"mask" if has_mask else "boxes"}": give the text or the annotation, not both')
+    raise FieldError(f'both "suffix" and "{"mask" if has_mask else "boxes"}": give the text or the annotation, '
+                     'not both')
   if has_mask and has_boxes:
     raise FieldError('both "mask" and "boxes": one task per row')
   out = dict(obj)

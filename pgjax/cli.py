@@ -50,6 +50,14 @@ def _model(args, dtype=None):
   return cfg, finetune.load_tokenizer(tok_path, cfg), ckpt
 
 
+def _vae(args):
+  """The --vae file's params (segmentation.load_vae), or None."""
+  if not args.vae:
+    return None
+  from pgjax import segmentation
+  return segmentation.load_vae_cached(args.vae)
+
+
 def _rows(path, image_dir, skip_bad, what, validate_images="header"):
   from pgjax import sources
   if os.path.isdir(path):  # open() would fail with a bare IsADirectoryError
@@ -168,12 +176,8 @@ def cmd_eval(args) -> int:
   if args.html:  # every row is an embedded image: the page shows the first --report-examples, the metrics all
     n = min(args.report_examples, len(rows))
     title = f"pgjax eval: {args.data}" + (f" (the first {n} of {len(rows)} rows)" if n < len(rows) else "")
-    vae = None
-    if args.vae:
-      from pgjax import segmentation
-      vae = segmentation.load_vae_cached(args.vae)
     viz.write_html(args.html, viz.predictions_html(rows[:n], res["predictions"][:n], title=title,
-                                                   metrics=res["metrics"], vae=vae))
+                                                   metrics=res["metrics"], vae=_vae(args)))
   if args.predictions:
     with open(args.predictions, "w") as f:
       for r, p in zip(rows, res["predictions"]):
@@ -202,7 +206,8 @@ def cmd_predict(args) -> int:
     print(f"{path}\t{p['prediction']}" + ("" if p["hit_eos"] else "\t(cut at --max-new-tokens)"))
   if args.html:  # detect prompts get their <loc> boxes drawn on the images
     rows = [{"image": path, "prefix": args.prompt} for path in args.image]
-    viz.write_html(args.html, viz.predictions_html(rows, preds, metrics={"decoding": decoding.describe()}))
+    viz.write_html(args.html, viz.predictions_html(rows, preds, metrics={"decoding": decoding.describe()},
+                                                   vae=_vae(args)))
   return 0
 
 
@@ -214,11 +219,7 @@ def cmd_show_data(args) -> int:
   if args.tokenizer:
     from pgjax import tokenizer
     print(data.format_stats(data.stats(built, tokenizer.Tokenizer(args.tokenizer), args.max_len)))
-  vae = None
-  if args.vae:
-    from pgjax import segmentation
-    vae = segmentation.load_vae_cached(args.vae)
-  viz.write_html(args.html, viz.data_html(built[:args.limit], title=f"pgjax data: {args.data}", vae=vae))
+  viz.write_html(args.html, viz.data_html(built[:args.limit], title=f"pgjax data: {args.data}", vae=_vae(args)))
   print(f"{len(rows)} rows ({len(rows.skipped)} bad, skipped); view: {args.html}")
   return 0
 
@@ -419,6 +420,7 @@ def _parser():
   p.add_argument("--dtype", default="float32", choices=_DTYPES, help="params dtype")
   _add_compute_dtype(p)
   p.add_argument("--html", help="write an HTML view (with <loc> boxes drawn) here")
+  p.add_argument("--vae", help="the segmentation VAE (vae-oid.npz): --html draws <seg> outputs as masks")
   _add_decoding(p)
   p.set_defaults(fn=cmd_predict)
 

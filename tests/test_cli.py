@@ -447,3 +447,29 @@ def test_eval_and_predict_decode_as_the_flags_say(tmp_path, capsys):
   assert "--top-k do(es) not apply to --decode greedy" in capsys.readouterr().err
   assert cli.main(["predict", "--image", image, "--prompt", "x", "--decode", "sample", "--top-p", "1.5"]) == 2
   assert "--top-p: expected a number in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the detection and segmentation demos
+
+
+@pytest.mark.parametrize("task,metric", [("detect", "map50"), ("segment", "miou")])
+def test_detect_and_segment_demos_run_and_report_their_metric(tmp_path, task, metric, monkeypatch):
+  from pgjax import demo
+  monkeypatch.setattr(demo, "MASK_DIR", str(tmp_path / "masks"))
+  out = tmp_path / "run"
+  assert cli.main(["finetune", "--demo", task, "--out", str(out), "--steps", "2", "--batch-size", "8",
+                   "--val-limit", "8", "--eval-every", "0", "--report-examples", "4"]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["demo"] == task
+  for when in ("before", "after"):
+    assert summary[when]["task"] == task and summary[when]["count"] == 8
+    assert 0.0 <= summary[when][metric] <= 1.0
+  page = (out / "report.html").read_text()
+  assert page.count('<img src="data:image/') == (8 if task == "segment" else 4)  # segment: target | prediction
+  if task == "segment":
+    assert len(list((tmp_path / "masks").glob("*.png"))) > 3000  # the train and test masks, written once
+
+
+def test_demo_flag_needs_no_train_file(jsonl, tmp_path, capsys):
+  assert cli.main(_b(jsonl, tmp_path / "r", "--demo", "detect")) == 2
+  assert "--demo picks the embedded demo's task" in capsys.readouterr().err
