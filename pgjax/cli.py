@@ -76,7 +76,7 @@ def _rows(path, image_dir, skip_bad, what, validate_images="header"):
 
 # Flags that set a TrainConfig field of the same name; unset (None), they keep the preset's value.
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "schedule", "warmup", "clip", "accum", "trainable", "compute_dtype",
-                "frozen_dtype",
+                "frozen_dtype", "lora_rank", "lora_alpha", "lora_targets", "quantize",
                 "remat", "keep_final_softcap", "max_len", "truncate", "seed", "task", "max_new_tokens", "eval_every",
                 "eval_examples", "eval_batch_size", "save_every")
 
@@ -270,6 +270,12 @@ _POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite numb
 _NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _FRACTION = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 _DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _QUANTIZE(text):  # noqa: N802 (a type, like the others)
+  if text not in ("int8", "int4"):
+    raise argparse.ArgumentTypeError(f"expected int8 or int4, got {text!r}")
+  return int(text[3:])
 _TOP_P = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
@@ -363,6 +369,13 @@ def _parser():
   p.add_argument("--clip", type=_POSITIVE, default=None, help="clip the gradient's global norm")
   p.add_argument("--accum", type=_AT_LEAST_1, help="gradient accumulation micro-batches per step (default 1)")
   p.add_argument("--trainable", nargs="+", type=_regex, help="regexes of trainable params (default llm/layers/attn/.*)")
+  p.add_argument("--lora", dest="lora_rank", type=_AT_LEAST_1, metavar="RANK",
+                 help="train LoRA adapters of this rank instead of --trainable (every param frozen)")
+  p.add_argument("--lora-alpha", type=_POSITIVE, help="the adapters' update is scaled by alpha / rank (default 2 * rank)")
+  p.add_argument("--lora-targets", nargs="+", type=_regex, help="regexes of the weights that get adapters (default "
+                 "the LLM attention's einsums)")
+  p.add_argument("--quantize", type=_QUANTIZE, help="int8 or int4: the frozen matmul weights quantized (with --lora: "
+                 "QLoRA)")
   _add_compute_dtype(p, default=None)
   p.add_argument("--frozen-dtype", choices=("float16", "bfloat16", "float32"),
                  help="default float16")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgjax import decode_view, gemma, paligemma
+from pgjax import decode_view, gemma, paligemma, tree
 from pgjax.grammar import Grammar
 from pgjax.config import PaliGemmaConfig, is_int, is_real
 
@@ -126,6 +126,11 @@ def _make_view(llm_params, *, cfg, dtype):
   return decode_view.make_decode_view(llm_params, cfg=cfg, dtype=dtype)
 
 
+def plain_weights(params) -> bool:
+  """Whether every LLM weight is a plain array (no quant.QArray, no lora.Adapted): what the view can copy."""
+  return all(isinstance(x, (jax.Array, np.ndarray)) for x in tree.flatten(params["llm"]).values())
+
+
 def make_view(params, *, cfg: PaliGemmaConfig, dtype=None) -> dict:
   """A copy of the LLM's weights laid out for decoding (`decode_view.make_decode_view`, which says why).
   Make it once per set of params and pass it as `decode_view=` to `greedy`, `prefill` or `decode_step`.
@@ -134,6 +139,10 @@ def make_view(params, *, cfg: PaliGemmaConfig, dtype=None) -> dict:
   compute dtype, what the dots read, so the loop casts nothing), for as long as it lives. Without it
   (`decode_view=None`, the default) nothing extra is held.
   """
+  if not plain_weights(params):
+    odd = [p for p, x in tree.flatten(params["llm"]).items() if not isinstance(x, (jax.Array, np.ndarray))]
+    raise ValueError(f"the decode view copies plain float weights; {odd[:3]} are quantized or carry adapters "
+                     "(decode without a view, or lora.merge first)")
   return _make_view(params["llm"], cfg=cfg.llm, dtype=None if dtype is None else jnp.dtype(dtype))
 
 

@@ -77,7 +77,9 @@ def view_fits(params, cfg=None, *, headroom: float = 2.0) -> bool:
   told. On CPU always. On an accelerator when every local device has `headroom` times the view's size free:
   the view is a second copy of the LLM's weights in the compute dtype (`cfg`'s; float32 without one), which
   a small GPU may not hold beside the model (bench/README.md has the sizes and speed-ups). A device that
-  reports no memory statistics gets no view."""
+  reports no memory statistics gets no view, nor do quantized or adapted weights (the view is a float copy)."""
+  if not decode.plain_weights(params):
+    return False
   if jax.default_backend() == "cpu":
     return True
   itemsize = jnp.dtype(cfg.llm.compute_dtype if cfg is not None else jnp.float32).itemsize

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from pgjax import config as config_lib
+from pgjax import lora, tree
 from pgjax import train as train_lib
 from pgjax.config import PaliGemmaConfig, is_int, is_real
 
@@ -79,6 +81,12 @@ class TrainConfig:
   # the backward recomputes), while weights stored in bfloat16 compiled on XLA:CPU to a 6.7 GiB larger step for
   # the 3B (bench/README.md, "Compute dtype"); "bfloat16" or "float32" by choice.
   frozen_dtype: str = "float16"
+  # LoRA (pgjax/lora.py): with lora_rank > 0, adapters of that rank on the weights lora_targets matches train
+  # (float32) in place of `trainable`, and every param stays frozen; their update is scaled by lora_alpha / rank.
+  lora_rank: int = 0
+  lora_alpha: float | None = None  # None: 2 * lora_rank
+  lora_targets: tuple[str, ...] = lora.TARGETS
+  quantize: int = 0  # 8 or 4: the frozen matmul weights in int8 / int4 (pgjax/quant.py); 0: in frozen_dtype
   remat: str = "none"  # "full" or "dots" trade compute for memory (bench/README.md has the table)
   keep_final_softcap: bool = False  # big_vision's transfer sets Gemma 2's final soft cap to 0 ("better for transfer")
   # The data.
@@ -97,10 +105,12 @@ class TrainConfig:
 
   # The settings a resumed run must share with its checkpoint to continue it faithfully (the data order, the
   # optimizer, what trains, the batch). The others (steps, lr, cadence) may change on resume.
-  RESUME_FIELDS: ClassVar[tuple[str, ...]] = ("seed", "optimizer", "trainable", "batch_size")
+  RESUME_FIELDS: ClassVar[tuple[str, ...]] = ("seed", "optimizer", "trainable", "batch_size", "lora_rank", "lora_alpha",
+                                              "lora_targets", "quantize")
 
   def __post_init__(self):
     object.__setattr__(self, "trainable", tuple(self.trainable))  # a list would make the config unhashable
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     checks = [
         ("steps", self.steps, is_int(self.steps, 1), "an integer >= 1"),
         ("batch_size", self.batch_size, is_int(self.batch_size, 1), "an integer >= 1"),
@@ -113,6 +123,12 @@ class TrainConfig:
         ("compute_dtype", self.compute_dtype, self.compute_dtype in COMPUTE_DTYPES, f"one of {COMPUTE_DTYPES}"),
         ("frozen_dtype", self.frozen_dtype, self.frozen_dtype in FROZEN_DTYPES, f"one of {FROZEN_DTYPES}"),
         ("remat", self.remat, self.remat in REMATS, f"one of {REMATS}"),
+        ("lora_rank", self.lora_rank, is_int(self.lora_rank, 0), "an integer >= 0"),
+        ("lora_alpha", self.lora_alpha, self.lora_alpha is None or (is_real(self.lora_alpha) and self.lora_alpha > 0),
+         "None or a finite number > 0"),
+        ("lora_targets", self.lora_targets, all(isinstance(p, str) for p in self.lora_targets) and self.lora_targets,
+         "a non-empty tuple of regexes"),
+        ("quantize", self.quantize, self.quantize in (0, 4, 8), "0 (none), 8 or 4"),
         ("max_len", self.max_len, is_int(self.max_len, 1), "an integer >= 1"),
         ("truncate", self.truncate, self.truncate in ("error", "keep_eos"), "'error' or 'keep_eos'"),
         ("seed", self.seed, is_int(self.seed, 0), "an integer >= 0"),
@@ -126,11 +142,19 @@ class TrainConfig:
     for name, value, ok, need in checks:
       if not ok:
         raise SettingError(name, f"must be {need}, got {value!r}")
-    for pattern in self.trainable:  # a pattern that does not compile is named now, not after the model loads
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise SettingError("trainable", f"pattern {pattern!r} is not a valid regular expression ({e})") from None
+    for field in ("trainable", "lora_targets"):  # a pattern that does not compile is named now, not after loading
+      for pattern in getattr(self, field):
+        try:
+          re.compile(pattern)
+        except re.error as e:
+          raise SettingError(field, f"pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+  @property
+  def adapter_alpha(self) -> float | None:
+    """The LoRA alpha the step scales the adapters by (None without LoRA)."""
+    if not self.lora_rank:
+      return None
+    return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
 
   def lr_schedule(self) -> Callable[[int], float]:
     """The learning rate for steps 1..steps. big_vision's recipe (the PaliGemma notebook) builds its schedule
@@ -256,7 +280,8 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
     if out is not None:
       out = make_out_dir(out)
       stack.enter_context(rundir.hold(out))
-    predicate = train_lib.make_predicate(list(tc.trainable))
+    # With LoRA nothing of the checkpoint trains: every leaf loads in the frozen dtype.
+    predicate = (lambda _: False) if tc.lora_rank else train_lib.make_predicate(list(tc.trainable))
     frozen_dtype = jnp.dtype(tc.frozen_dtype)
     # What a resume must match (state.json): the config's RESUME_FIELDS, the base checkpoint (by content: a copy
     # elsewhere is the same base, a file replaced at the same path is not) and the data.
@@ -284,10 +309,19 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
     if params is None:
       params = ckpt_lib.load(checkpoint, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
                              sharding=sharding.leaf_sharding(mesh), progress=bar("load", 2**20, "MB"))
-    trainable, frozen = train_lib.split(params, predicate, frozen_dtype=frozen_dtype)
+    if tc.lora_rank:
+      frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), params)
+      trainable = lora.init(jax.random.key(tc.seed), frozen, rank=tc.lora_rank, targets=tc.lora_targets)
+      trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
+    else:
+      trainable, frozen = train_lib.split(params, predicate, frozen_dtype=frozen_dtype)
     del params
+    if tc.quantize:  # leaf by leaf, each placed as the rules say; the float leaf is freed as the next one starts
+      from pgjax import quant
+      frozen = quant.quantize(frozen, bits=tc.quantize)
+      frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
-    n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
+    n_all = (0 if tc.lora_rank else n_train) + sum(math.prod(x.shape) for x in tree.flatten(frozen).values())
     say(f"loaded {checkpoint or 'params'} in {time.time() - t0:.1f}s: {n_train:,} of {n_all:,} params train")
 
     val_subset = val_rows[:tc.eval_examples] if tc.eval_examples else val_rows
@@ -296,7 +330,7 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
       if not rows:
         return None
       t = time.time()
-      res = evaluate.evaluate(train_lib.merge(trainable, frozen), cfg, tok, rows, task=tc.task,
+      res = evaluate.evaluate(_eval_params(tc, trainable, frozen), cfg, tok, rows, task=tc.task,
                               batch_size=tc.eval_batch_size, max_new_tokens=tc.max_new_tokens, vae=vae,
                               progress=bar(f"eval {label}", unit="ex"))
       res["metrics"]["seconds"] = round(time.time() - t, 1)
@@ -351,11 +385,12 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
     after = run_eval(val_rows, "after", trainable)
     if after:
       log({"step": tc.steps, "eval": after["metrics"]})
-    params = train_lib.merge(trainable, frozen)
+    params = _final_params(tc, trainable, frozen)
     summary = {
         **(summary_extra or {}), "checkpoint": checkpoint, "train_examples": len(train_rows),
         "val_examples": len(val_rows), "steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr,
         "schedule": tc.schedule, "optimizer": tc.optimizer.name, "trainable_params": n_train, "total_params": n_all,
+        "trained": _what_trained(tc),
         "compute_dtype": cfg.compute_dtype, "compute_dtype_why": compute_why,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / max(len(history.steps), 1), 4),
@@ -369,6 +404,38 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
       say(f"done in {time.time() - t0:.0f}s. Outputs in {out}: summary.json, metrics.jsonl, report.html, "
           f"checkpoints/{', final.npz' if save_full else ''}")
     return Run(params=params, history=history, before=before, after=after, summary=summary, out=out)
+
+
+def _what_trained(tc: TrainConfig) -> str:
+  """One line for the summary and the report: what trained, and the base's precision."""
+  base = f"int{tc.quantize}" if tc.quantize else tc.frozen_dtype
+  if tc.lora_rank:
+    return (f"LoRA rank {tc.lora_rank}, alpha {tc.adapter_alpha:g}, on {', '.join(tc.lora_targets)} (float32); "
+            f"the base frozen in {base}")
+  return f"{', '.join(tc.trainable)} (float32 masters); the rest frozen in {base}"
+
+
+def _eval_params(tc: TrainConfig, trainable, frozen) -> dict:
+  """The params evaluations decode with. LoRA on a float base: the adapted weights merged in float32 (the same
+  function the step trains, and plain arrays, so decoding keeps its fast weight view); on a quantized base,
+  the adapters stay on (lora.apply), as in the step."""
+  if not tc.lora_rank:
+    return train_lib.merge(trainable, frozen)
+  if tc.quantize:
+    return lora.apply(frozen, trainable, alpha=tc.adapter_alpha)
+  f32 = {p: frozen_leaf.astype(jnp.float32) for p, frozen_leaf in tree.flatten(frozen).items()
+         if p in lora.adapted_paths(trainable)}
+  return lora.merge(tree.unflatten({**tree.flatten(frozen), **f32}), trainable, alpha=tc.adapter_alpha)
+
+
+def _final_params(tc: TrainConfig, trainable, frozen) -> dict:
+  """The run's result as a plain tree of arrays (the checkpoint final.npz holds): adapters merged, a quantized
+  base dequantized to float32."""
+  params = lora.merge(frozen, trainable, alpha=tc.adapter_alpha) if tc.lora_rank else train_lib.merge(trainable, frozen)
+  if tc.quantize:
+    from pgjax import quant
+    params = quant.dequantize_tree(params)
+  return params
 
 
 def cut_log(path, step: int) -> bool:

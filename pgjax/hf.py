@@ -28,7 +28,7 @@ import numpy as np
 
 from pgjax import checkpoint
 from pgjax import config as config_lib
-from pgjax import files, tree
+from pgjax import files, lora, quant, tree
 from pgjax.checkpoint import CheckpointError
 
 # ------------------------------------------------------------------------------------------ safetensors
@@ -417,3 +417,131 @@ def import_hf(path, cfg: config_lib.PaliGemmaConfig, *, dtype=None) -> dict:
       sd[name] = arr
   params = from_hf(sd, cfg, source=path)
   return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+# ------------------------------------------------------------------------------ LoRA adapters as PEFT's
+
+_PEFT_PREFIX = "base_model.model."  # PEFT's wrapper of the model, in its saved key names
+_PEFT_CONFIG, _PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _peft_modules(cfg) -> dict[str, tuple[tuple[str, ...], int]]:
+  """{npz weight key: (HF module name per fused member, with "{i}"; layers)} for the weights PEFT's LoRA can
+  adapt (its Linear layers: every matmul weight but SigLIP's patch embedding, a Conv2d)."""
+  return {key: (tuple(n.removesuffix(".weight") for n in names), layers)
+          for key, names, _, _, layers in _rules(cfg)
+          if quant.input_axes(key) is not None and key != "img/embedding/kernel"}
+
+
+def export_peft(adapters: Mapping, cfg: config_lib.PaliGemmaConfig, path, *, alpha: float) -> str:
+  """Writes pgjax LoRA adapters (lora.init's tree) as a PEFT LoRA adapter directory: `adapter_config.json` and
+  `adapter_model.safetensors`, that `peft.PeftModel.from_pretrained` loads onto the model `export_hf` wrote.
+
+  One PEFT adapter per HF projection, per layer: a fused weight's members (q, k, v; k, v; gate, up) are
+  separate projections in transformers, and pgjax's adapters are already per member. lora_A = a as
+  [r, in], lora_B = b as [out, r], with the input and output axes flattened in the order transformers'
+  weights flatten them (heads, then head dim); PEFT scales by lora_alpha / r, as pgjax does.
+  """
+  modules = _peft_modules(cfg)
+  pairs = lora.adapted_paths(adapters)
+  r = lora.rank_of(adapters)
+  sd, targets = {}, []
+  for key, ab in sorted(pairs.items()):
+    if key not in modules:
+      raise ValueError(f"adapter {key!r}: PEFT has no LoRA layer for this weight")
+    names, layers = modules[key]
+    a, b = np.asarray(jax.device_get(ab["a"]), np.float32), np.asarray(jax.device_get(ab["b"]), np.float32)
+    for i in range(layers) if layers else [None]:
+      a_i, b_i = (a, b) if i is None else (a[i], b[i])
+      for j, name in enumerate(names):
+        a_ij, b_ij = (a_i[j], b_i[j]) if len(names) > 1 else (a_i, b_i)
+        module = name.format(i=i)
+        targets.append(module)
+        sd[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a_ij.reshape(-1, r).T)
+        sd[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b_ij.reshape(-1, r))
+  os.makedirs(path, exist_ok=True)
+  save_safetensors(os.path.join(path, _PEFT_WEIGHTS), sd, metadata={"format": "pt"})
+  config = {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": float(alpha), "lora_dropout": 0.0,
+            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+            "base_model_name_or_path": None}
+  files.atomic_write_text(os.path.join(path, _PEFT_CONFIG), json.dumps(config, indent=2))
+  return os.fspath(path)
+
+
+def import_peft(path, cfg: config_lib.PaliGemmaConfig) -> tuple[dict, float]:
+  """Reads a PEFT LoRA adapter directory (written by `export_peft`, or trained in transformers) into pgjax
+  adapters: (the lora tree, alpha), for `lora.apply` / `lora.merge`. A projection the adapter leaves out
+  (say k_proj where PEFT targeted q_proj and v_proj only) gets a zero factor pair: no change, exactly as in
+  PEFT. rsLoRA's alpha / sqrt(r) scale is returned as the equivalent alpha. Refused, naming the key: DoRA,
+  per-module ranks or alphas, bias training, and any tensor the mapping does not place."""
+  path = os.fspath(path)
+  cfg_path, weights_path = os.path.join(path, _PEFT_CONFIG), os.path.join(path, _PEFT_WEIGHTS)
+  try:
+    with open(cfg_path) as f:
+      pc = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{cfg_path}: cannot read a PEFT adapter config ({e})") from None
+  if pc.get("peft_type") != "LORA":
+    raise CheckpointError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}, only LORA adapters import")
+  for field, ok in (("use_dora", not pc.get("use_dora")), ("rank_pattern", not pc.get("rank_pattern")),
+                    ("alpha_pattern", not pc.get("alpha_pattern")), ("bias", pc.get("bias", "none") == "none"),
+                    ("modules_to_save", not pc.get("modules_to_save"))):
+    if not ok:
+      raise CheckpointError(f"{cfg_path}: {field} = {pc.get(field)!r} has no pgjax equivalent")
+  r, alpha = int(pc["r"]), float(pc["lora_alpha"])
+  if pc.get("use_rslora"):
+    alpha = alpha * r ** 0.5  # PEFT's scale alpha / sqrt(r) = (alpha sqrt(r)) / r
+  sd = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+        for k, v in load_safetensors(weights_path, mmap=False).items()}
+  used, out = set(), {}
+  for key, (names, layers) in _peft_modules(cfg).items():
+    found = [f"{_PEFT_PREFIX}{n.format(i=i)}.lora_A.weight" in sd
+             for i in (range(layers) if layers else [None]) for n in names]
+    if not any(found):
+      continue
+    a_l, b_l = [], []
+    for i in range(layers) if layers else [None]:
+      a_j, b_j = [], []
+      for name in names:
+        base = f"{_PEFT_PREFIX}{name.format(i=i)}"
+        A, B = sd.get(base + ".lora_A.weight"), sd.get(base + ".lora_B.weight")
+        if (A is None) != (B is None):
+          raise CheckpointError(f"{weights_path}: {base} has only one of lora_A and lora_B")
+        a_j.append(A)
+        b_j.append(B)
+        used.update({base + ".lora_A.weight", base + ".lora_B.weight"})
+      a_l.append(a_j)
+      b_l.append(b_j)
+    out.update(_peft_factors(key, names, layers, a_l, b_l, r, cfg, weights_path))
+  unused = sorted(set(sd) - used)
+  if unused:
+    raise CheckpointError(f"{weights_path}: tensors the PaliGemma mapping does not place: {unused[:5]}"
+                          f"{' ...' if len(unused) > 5 else ''}")
+  if not out:
+    raise CheckpointError(f"{weights_path}: no LoRA tensors for any PaliGemma projection")
+  return tree.unflatten(out), alpha
+
+
+def _peft_factors(key, names, layers, a_l, b_l, r, cfg, source) -> dict:
+  """One weight's a and b (lora.init's layout) from PEFT's per-layer, per-member [r, in] and [out, r]."""
+  shape = checkpoint.manifest(cfg)[key]
+  _, ins, outs = lora.layout(key, shape)
+  in_shape = tuple(shape[a] for a in ins)
+  out_shape = tuple(shape[a] for a in outs)
+  n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+  a_all, b_all = [], []
+  for i, (a_j, b_j) in enumerate(zip(a_l, b_l)):
+    a_m, b_m = [], []
+    for name, A, B in zip(names, a_j, b_j):
+      if A is None:  # a projection PEFT did not target: no update
+        A, B = np.zeros((r, n_in), np.float32), np.zeros((n_out, r), np.float32)
+      if A.shape != (r, n_in) or B.shape != (n_out, r):
+        raise CheckpointError(f"{source}: {name.format(i=i if layers else None)} lora_A {A.shape}, lora_B "
+                              f"{B.shape}; expected {(r, n_in)} and {(n_out, r)} for {key}")
+      a_m.append(np.asarray(A, np.float32).T.reshape(*in_shape, r))
+      b_m.append(np.asarray(B, np.float32).reshape(*out_shape, r))
+    a_all.append(np.stack(a_m) if len(names) > 1 else a_m[0])
+    b_all.append(np.stack(b_m) if len(names) > 1 else b_m[0])
+  a, b = (np.stack(a_all), np.stack(b_all)) if layers else (a_all[0], b_all[0])
+  return {f"{key}/a": a, f"{key}/b": b}

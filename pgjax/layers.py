@@ -25,7 +25,12 @@ def dot(spec: str, x, w, compute_dtype="float32"):
   thirds of a step's FLOPs; here the cotangent is cast to the compute dtype too, so both gradient dots run
   at the low-precision rate, still accumulating in float32. Gradients come back in the operands' dtypes
   (a float32 master weight gets a float32 gradient).
+
+  `w` may also be a quantized weight (`quant.QArray`) or a weight with a low-rank adapter (`lora.Adapted`),
+  each with a matmul of its own: this is the one place where either plugs in.
   """
+  if hasattr(w, "matmul"):  # a quantized weight (quant.QArray) or one with a LoRA adapter (lora.Adapted)
+    return w.matmul(spec, x, compute_dtype)
   cd = jnp.dtype(compute_dtype)
   if cd == jnp.float32:
     return jnp.einsum(spec, x.astype(cd), w.astype(cd), preferred_element_type=jnp.float32)

@@ -120,7 +120,7 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
                        frozen_shardings=sharding.param_shardings(frozen, mesh),
                        opt_state_shardings=jax.tree.map(lambda x: x.sharding, opt_state))
     train_step = train.make_train_step(cfg, optimizer=optimizer, clip_norm=tc.clip, accum_steps=tc.accum,
-                                       mesh=mesh, **shardings)
+                                       mesh=mesh, lora_alpha=getattr(tc, "adapter_alpha", None), **shardings)
   identity = {**tc.resume_identity(), **rundir.as_json(extra_state or {})}
   start = 0
   if out_dir is not None and not resume:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pgjax import tree
+from pgjax import lora, quant, tree
 
 # path regex (full match)                                  spec per axis of the leaf (its shape in comments)
 RULES: tuple[tuple[str, tuple], ...] = (
@@ -85,9 +85,45 @@ def spec_for(path: str, shape, mesh: Mesh, rules=RULES) -> P:
 
 
 def param_shardings(params, mesh: Mesh, rules=RULES):
-  """A tree of NamedShardings matching `params` (arrays or ShapeDtypeStructs, nested or partial trees)."""
-  flat = tree.flatten(params)
-  return tree.unflatten({k: NamedSharding(mesh, spec_for(k, v.shape, mesh, rules)) for k, v in flat.items()})
+  """A tree of NamedShardings matching `params` (arrays or ShapeDtypeStructs, nested or partial trees).
+
+  A quantized weight (quant.QArray) gets its codes placed by the weight's rule and its scales by the same
+  rule, unsplit along the axes where they have a single entry (or too few to divide). A LoRA adapter's
+  factors ("<weight path>/a", "/b", from lora.init) follow the weight's rule on the axes they share with it
+  (the layer and fused-member stacks, a's input axes, b's output axes) and are not split along the rank."""
+  out = {}
+  for k, v in tree.flatten(params).items():
+    if quant.is_quantized(v):
+      spec = spec_for(k, v.shape, mesh, rules)
+      scale = P(*(a if a is not None and n % mesh.shape[a] == 0 and n > 1 else None
+                  for a, n in zip(spec, v.scale.shape)))
+      out[k] = quant.QArray(NamedSharding(mesh, spec), NamedSharding(mesh, scale), v.in_axes, v.bits)
+    elif k.endswith(("/a", "/b")) and _adapter_spec(k, v.shape, mesh, rules) is not None:
+      out[k] = NamedSharding(mesh, _adapter_spec(k, v.shape, mesh, rules))
+    else:
+      out[k] = NamedSharding(mesh, spec_for(k, v.shape, mesh, rules))
+  return tree.unflatten(out)
+
+
+def _adapter_spec(path: str, shape, mesh: Mesh, rules=RULES) -> P | None:
+  """The spec of a LoRA factor, from its weight's rule; None when `path` is no adapter of a known weight."""
+  weight, _, part = path.rpartition("/")
+  specs = [spec for pattern, spec in rules if re.fullmatch(pattern, weight)]
+  in_axes = quant.input_axes(weight)
+  if len(specs) != 1 or in_axes is None:
+    return None
+  spec = tuple(a if a in mesh.axis_names else None for a in specs[0])
+  n_stack, ndim = lora.stack_axes(weight), len(spec)
+  ins = [a % ndim for a in in_axes]
+  keep = list(range(n_stack)) + (ins if part == "a" else [a for a in range(n_stack, ndim) if a not in ins])
+  if len(keep) + 1 != len(shape):
+    raise ShardingError(f"{path} {tuple(shape)}: not a LoRA factor of {weight} (its rule has {ndim} axes)")
+  factor = [spec[a] for a in keep] + [None]
+  for dim, axis in zip(shape, factor):
+    if axis is not None and dim % mesh.shape[axis]:
+      raise ShardingError(f"{path} {tuple(shape)}: axis of size {dim} does not divide over mesh axis "
+                          f"{axis!r} of size {mesh.shape[axis]} (spec {tuple(factor)})")
+  return P(*factor)
 
 
 def leaf_sharding(mesh: Mesh, rules=RULES):

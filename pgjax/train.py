@@ -148,10 +148,19 @@ class Optimizer:
 # ------------------------------------------------------------------------------------------ train step
 
 
-def _loss_and_grads(trainable, frozen, batch, *, cfg, accum_steps, scale=None):
+def combine(trainable, frozen, lora_alpha: float | None = None) -> dict:
+  """The params the model runs on: `merge(trainable, frozen)`, or, with `lora_alpha`, the frozen params with
+  the trainable LoRA adapters put on them (`lora.apply`: the adapted matmuls run on the fly)."""
+  if lora_alpha is None:
+    return merge(trainable, frozen)
+  from pgjax import lora
+  return lora.apply(frozen, trainable, alpha=lora_alpha)
+
+
+def _loss_and_grads(trainable, frozen, batch, *, cfg, accum_steps, scale=None, lora_alpha=None):
   """(loss, grads) of the batch; with `scale`, the gradients are those of loss * scale (loss scaling)."""
   def loss_of(tr, micro):
-    loss = loss_fn(merge(tr, frozen), micro, cfg=cfg)[0]
+    loss = loss_fn(combine(tr, frozen, lora_alpha), micro, cfg=cfg)[0]
     return loss if scale is None else loss * scale, loss
 
   if accum_steps == 1:
@@ -216,12 +225,13 @@ def init_opt_state(optimizer: "Optimizer", trainable, cfg: PaliGemmaConfig, loss
   return {"opt": state, "loss_scale": (loss_scale or LossScale()).init()}
 
 
-def _step(trainable, frozen, batch, lr, opt_state, *, cfg, optimizer, clip_norm, accum_steps, loss_scale=None):
+def _step(trainable, frozen, batch, lr, opt_state, *, cfg, optimizer, clip_norm, accum_steps, loss_scale=None,
+          lora_alpha=None):
   scaling = uses_loss_scale(cfg)
   ls_state = opt_state["loss_scale"] if scaling else None
   inner = opt_state["opt"] if scaling else opt_state
   loss, grads = _loss_and_grads(trainable, frozen, batch, cfg=cfg, accum_steps=accum_steps,
-                                scale=ls_state["scale"] if scaling else None)
+                                scale=ls_state["scale"] if scaling else None, lora_alpha=lora_alpha)
   if scaling:
     grads = jax.tree.map(lambda g: g / ls_state["scale"], grads)
   grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -240,18 +250,20 @@ def _step(trainable, frozen, batch, lr, opt_state, *, cfg, optimizer, clip_norm,
 
 def make_train_step(cfg: PaliGemmaConfig, *, optimizer: Optimizer = Optimizer(), clip_norm: float | None = None,
                     accum_steps: int = 1, mesh=None, trainable_shardings=None, frozen_shardings=None,
-                    opt_state_shardings=None, loss_scale: LossScale | None = None):
+                    opt_state_shardings=None, loss_scale: LossScale | None = None,
+                    lora_alpha: float | None = None):
   """The jitted step `(trainable, frozen, batch, lr, opt_state) -> (trainable, opt_state, metrics)`.
 
   Compiled once; trainable params and optimizer state are donated; `init_opt_state` makes the first state.
   The matmuls run in the config's compute dtype; with float16 the step scales the loss (`LossScale`, its
   state in opt_state) and adds "loss_scale" and "skipped" to the metrics. With a mesh, in/out shardings are
   explicit: params as given (see sharding.param_shardings), the batch split over "data", scalars
-  replicated. Remat of the blocks is `cfg.remat`.
+  replicated. Remat of the blocks is `cfg.remat`. With `lora_alpha`, `trainable` is a tree of LoRA adapters
+  (lora.init) over the frozen params, float or quantized (`combine`).
   """
   from pgjax import host
   step = functools.partial(_step, cfg=cfg, optimizer=optimizer, clip_norm=clip_norm, accum_steps=accum_steps,
-                           loss_scale=loss_scale)
+                           loss_scale=loss_scale, lora_alpha=lora_alpha)
   options = host.compiler_options()  # on CPU: the emitters that compile the step faster (bench/README.md)
   if mesh is None:
     return jax.jit(step, donate_argnums=(0, 4), compiler_options=options)

@@ -43,7 +43,8 @@ def test_schedule_spans_steps_plus_one():
 def test_resume_identity_is_the_resume_fields_as_json():
   tc = finetune.TrainConfig(seed=3, batch_size=16, optimizer=train.Optimizer(name="adamw", weight_decay=0.1))
   ident = tc.resume_identity()
-  assert set(ident) == set(finetune.TrainConfig.RESUME_FIELDS) == {"seed", "optimizer", "trainable", "batch_size"}
+  assert set(ident) == set(finetune.TrainConfig.RESUME_FIELDS) == {
+      "seed", "optimizer", "trainable", "batch_size", "lora_rank", "lora_alpha", "lora_targets", "quantize"}
   assert ident["seed"] == 3 and ident["batch_size"] == 16 and ident["trainable"] == ["llm/layers/attn/.*"]
   assert ident["optimizer"]["name"] == "adamw" and ident["optimizer"]["weight_decay"] == 0.1
 
