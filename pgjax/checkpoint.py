@@ -191,6 +191,10 @@ def _members(zf: zipfile.ZipFile, path) -> dict[str, tuple[zipfile.ZipInfo, tupl
   return out
 
 
+_Q_PARTS = ("__q_codes", "__q_scale", "__q_meta")  # a quantized leaf's record (quant.to_arrays)
+_Q_DTYPES = {"__q_codes": (np.dtype(np.int8), np.dtype(np.uint8)), "__q_meta": (np.dtype(np.int32),)}
+
+
 def _check_dtype(path, key: str, dtype: np.dtype) -> None:
   """Refuses a member whose header dtype cannot be a leaf, before its data is read.
 
@@ -200,6 +204,8 @@ def _check_dtype(path, key: str, dtype: np.dtype) -> None:
   if dtype in _FLOAT_DTYPES:
     return
   if dtype.kind in "iu" and dtype.isnative and not key.startswith(_PARAM_TOWERS):
+    return
+  if dtype in _Q_DTYPES.get(key.rpartition("/")[2], ()):  # a quantized leaf's codes and record (quant.to_arrays)
     return
   allowed = "float16, float32, float64 or bfloat16 (stored as 'V2')"
   if not key.startswith(_PARAM_TOWERS):
@@ -300,8 +306,29 @@ def _is_dtype_function(dtype) -> bool:
     return callable(dtype)
 
 
+
+
+def _scale_sharding(codes_sharding, scale_shape):
+  """A quantized leaf's scales placed like its codes, unsplit where they have too few entries to divide."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  if not isinstance(codes_sharding, NamedSharding):
+    return codes_sharding
+  mesh = codes_sharding.mesh
+  spec = tuple(codes_sharding.spec) + (None,) * (len(scale_shape) - len(codes_sharding.spec))
+  return NamedSharding(mesh, PartitionSpec(*(a if a is not None and n > 1 and n % mesh.shape[a] == 0 else None
+                                             for a, n in zip(spec, scale_shape))))
+
+
+def _place(arr, sharding, key):
+  if sharding is None:
+    leaf = jax.device_put(arr)
+  else:
+    leaf = jax.make_array_from_callback(arr.shape, sharding, lambda i: arr[i])
+  return leaf.block_until_ready()  # transfers are asynchronous: wait, so the host copy goes before the next read
+
+
 def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sharding=None, check: bool = True,
-         progress=None) -> dict:
+         progress=None, quantize: int | None = None, quantize_skip=None) -> dict:
   """Loads an npz checkpoint into a nested dict of jax arrays, leaf by leaf.
 
   path: `file.npz`, or a file shipped as `file.npz.part0`, `.part1`, ... (pass either name).
@@ -313,26 +340,52 @@ def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sha
   sharding: None puts leaves on the default device; a callable (path, shape, dtype) -> jax.sharding.Sharding
     places each leaf with make_array_from_callback (each process reads the leaf and keeps its own shards).
   progress: None, or called as progress(bytes_done, bytes_total) after each leaf (file bytes, for a progress bar).
+  quantize: 8 or 4: each matmul weight (quant.WEIGHTS) is quantized on the host as it is read (quant.quantize's
+    rules), so the host holds one float leaf at a time beside the quantized tree; `quantize_skip(path)` -> True
+    keeps a leaf float (e.g. the trainable ones). Leaves the file holds quantized (saved from a quantized tree)
+    load as quant.QArray whatever `quantize` says.
   """
+  from pgjax import quant
   pick_dtype = dtype if _is_dtype_function(dtype) else (lambda key, file_dtype: dtype)
   with _open_zip(path) as zf:
     members = _members(zf, path)
+    records = {}  # weight key -> its quantized record's meta
+    for name in members:
+      key, _, part = name.rpartition("/")
+      if part == "__q_meta":
+        records[key] = _read(zf, members[name][0], path, name)
+    shapes = {k: shape for k, (_, shape, _) in members.items() if k.rpartition("/")[2] not in _Q_PARTS}
+    for key, meta in records.items():
+      shapes[key] = tuple(int(m) for m in meta[2:2 + int(meta[1])])
     if cfg is not None and check:
-      check_shapes(path, {k: shape for k, (_, shape, _) in members.items()}, manifest(cfg))
+      check_shapes(path, shapes, manifest(cfg))
     flat, done, total = {}, 0, sum(info.file_size for info, _, _ in members.values())
-    for key, (info, _, file_dtype) in members.items():
-      target = pick_dtype(key, file_dtype)
-      arr = _read(zf, info, path, key)
-      if target is not None and arr.dtype != np.dtype(target):
-        arr = arr.astype(target)
-      if sharding is None:
-        leaf = jax.device_put(arr)
+    for key in shapes:
+      if key in records:
+        codes = _read(zf, members[f"{key}/__q_codes"][0], path, f"{key}/__q_codes")
+        scale = _read(zf, members[f"{key}/__q_scale"][0], path, f"{key}/__q_scale")
+        q = quant.from_arrays(f"{path}: {key}", codes, scale, records[key])
+        nbytes = sum(members[f"{key}/{p}"][0].file_size for p in _Q_PARTS)
       else:
-        leaf = jax.make_array_from_callback(arr.shape, sharding(key, arr.shape, arr.dtype), lambda i: arr[i])
-      # Transfers are asynchronous: wait, so the host copy goes before the next leaf is read.
-      flat[key] = leaf.block_until_ready()
-      del arr
-      done += info.file_size
+        info, _, file_dtype = members[key]
+        arr = _read(zf, info, path, key)
+        nbytes = info.file_size
+        axes = quant.input_axes(key)
+        q = None
+        if quantize and axes is not None and not (quantize_skip and quantize_skip(key)):
+          q = quant.quantize_array(arr, axes, quantize)
+        else:
+          target = pick_dtype(key, file_dtype)
+          if target is not None and arr.dtype != np.dtype(target):
+            arr = arr.astype(target)
+          flat[key] = _place(arr, None if sharding is None else sharding(key, arr.shape, arr.dtype), key)
+        del arr
+      if q is not None:
+        codes_sh = None if sharding is None else sharding(key, q.shape, q.codes.dtype)
+        flat[key] = quant.QArray(_place(q.codes, codes_sh, key),
+                                 _place(q.scale, None if codes_sh is None else _scale_sharding(codes_sh, q.scale.shape),
+                                        key), q.in_axes, q.bits)
+      done += nbytes
       if progress is not None:
         progress(done, total)
   return tree.unflatten(flat)
@@ -341,11 +394,15 @@ def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sha
 def save(path, params: Mapping) -> None:
   """Writes `params` (nested, or flat {"a/b": leaf}) as a big_vision npz, one leaf at a time, atomically.
 
-  Members are "/"-joined keys + ".npy" (no "params/"), bfloat16 as 'V2' exactly as np.savez writes it. The data
+  Members are "/"-joined keys + ".npy" (no "params/"), bfloat16 as 'V2' exactly as np.savez writes it. A
+  quantized leaf (quant.QArray) is written as its codes, scales and a small record (big_vision cannot read those). The data
   goes to a temp file in the same directory, fsynced, then renamed over `path`; on any error the temp file is
   removed and a previous file at `path` is untouched. Leaves must be fully addressable by this process.
   """
-  flat = tree.flatten(params)
+  from pgjax import quant
+  flat = {}
+  for key, leaf in tree.flatten(params).items():  # a quantized leaf saves as its record (quant.to_arrays)
+    flat.update(quant.to_arrays(key, leaf) if quant.is_quantized(leaf) else {key: leaf})
   with files.atomic_write(path) as f:
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
       for key in sorted(flat):

@@ -50,6 +50,39 @@ def _model(args, dtype=None):
   return cfg, finetune.load_tokenizer(tok_path, cfg), ckpt
 
 
+def _adapter(path, cfg):
+  """(LoRA adapters, alpha) from --adapter: a PEFT adapter directory (adapter_config.json), a pgjax run folder
+  (its newest checkpoint) or one of its checkpoint folders (trainable.npz + state.json)."""
+  import numpy as np
+  from pgjax import hf, lora, rundir, tree
+  if os.path.exists(os.path.join(path, "adapter_config.json")):
+    return hf.import_peft(path, cfg)
+  step = path if os.path.exists(os.path.join(path, "trainable.npz")) else rundir.latest(path)
+  if step is None:
+    raise ValueError(f"--adapter {path}: neither a PEFT adapter (adapter_config.json) nor a pgjax run or "
+                     f"checkpoint folder (trainable.npz)")
+  tc = rundir.read_state(step).get("train_config", {})
+  if not tc.get("lora_rank"):
+    raise ValueError(f"--adapter {step}: this run trained no LoRA adapters (its train_config has no lora_rank)")
+  with np.load(os.path.join(step, "trainable.npz"), allow_pickle=False) as z:
+    adapters = tree.unflatten({k: np.asarray(z[k]) for k in z.files})
+  lora.adapted_paths(adapters)  # every leaf an a or b of a pair
+  return adapters, float(tc["lora_alpha"] or 2 * tc["lora_rank"])
+
+
+def _params(args, cfg, ckpt):
+  """The checkpoint's params as --dtype, --quantize and --adapter say (adapters merged over a float base, put on
+  a quantized one)."""
+  import jax.numpy as jnp
+  from pgjax import checkpoint, lora, progress
+  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"),
+                           quantize=args.quantize)
+  if not args.adapter:
+    return params
+  adapters, alpha = _adapter(args.adapter, cfg)
+  return lora.apply(params, adapters, alpha=alpha) if args.quantize else lora.merge(params, adapters, alpha=alpha)
+
+
 def _vae(args):
   """The --vae file's params (segmentation.load_vae), or None."""
   if not args.vae:
@@ -168,7 +201,7 @@ def cmd_eval(args) -> int:
   cfg, tok, ckpt = _model(args)
   cfg = _with_compute_dtype(cfg, args.compute_dtype)
   rows = _rows(args.data, args.image_dir, args.skip_bad, "eval", args.validate_images)
-  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
+  params = _params(args, cfg, ckpt)
   res = evaluate.evaluate(params, cfg, tok, rows, task=args.task, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, progress=progress.callback("eval", unit="ex"),
                           decoding=decoding, vae=args.vae)
@@ -198,7 +231,7 @@ def cmd_predict(args) -> int:
   decoding = _decoding(args)
   cfg, tok, ckpt = _model(args)
   cfg = _with_compute_dtype(cfg, args.compute_dtype)
-  params = checkpoint.load(ckpt, cfg, dtype=jnp.dtype(args.dtype), progress=progress.callback("load", 2**20, "MB"))
+  params = _params(args, cfg, ckpt)
   preds = evaluate.predict(params, cfg, tok, args.image, [args.prompt] * len(args.image),
                            batch_size=min(8, len(args.image)), max_new_tokens=args.max_new_tokens,
                            progress=progress.callback("predict", unit="ex"), decoding=decoding)
@@ -277,6 +310,12 @@ def _QUANTIZE(text):  # noqa: N802 (a type, like the others)
     raise argparse.ArgumentTypeError(f"expected int8 or int4, got {text!r}")
   return int(text[3:])
 _TOP_P = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def _add_adapter_args(p):
+  p.add_argument("--adapter", help="LoRA adapters to decode with: a PEFT adapter directory, or a pgjax run folder "
+                 "(or one of its checkpoint folders) that trained with --lora")
+  p.add_argument("--quantize", type=_QUANTIZE, help="int8 or int4: quantize the matmul weights as they load")
 
 
 def _add_decoding(p):
@@ -423,6 +462,7 @@ def _parser():
                  help="rows shown in the --html page (default 200; the metrics cover every row)")
   p.add_argument("--predictions", help="write the predictions as JSONL here (every row)")
   _add_decoding(p)
+  _add_adapter_args(p)
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("predict", help="decode a prompt for each image (greedy unless --decode says otherwise)")
@@ -435,6 +475,7 @@ def _parser():
   p.add_argument("--html", help="write an HTML view (with <loc> boxes drawn) here")
   p.add_argument("--vae", help="the segmentation VAE (vae-oid.npz): --html draws <seg> outputs as masks")
   _add_decoding(p)
+  _add_adapter_args(p)
   p.set_defaults(fn=cmd_predict)
 
   p = sub.add_parser("show-data", help="an HTML sanity view of a JSONL")

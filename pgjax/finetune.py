@@ -307,16 +307,19 @@ def finetune(tc: TrainConfig, *, train, val=(), checkpoint=None, tokenizer=None,
 
     t0 = time.time()
     if params is None:
+      # With quantize, each frozen matmul weight is quantized as it is read: the host never holds the float model.
       params = ckpt_lib.load(checkpoint, cfg, dtype=lambda key, _: jnp.float32 if predicate(key) else frozen_dtype,
-                             sharding=sharding.leaf_sharding(mesh), progress=bar("load", 2**20, "MB"))
+                             sharding=sharding.leaf_sharding(mesh), progress=bar("load", 2**20, "MB"),
+                             quantize=tc.quantize or None, quantize_skip=predicate)
     if tc.lora_rank:
-      frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), params)
+      frozen = tree.unflatten({k: v if hasattr(v, "matmul") else v.astype(frozen_dtype)  # a QArray stays
+                               for k, v in tree.flatten(params).items()})
       trainable = lora.init(jax.random.key(tc.seed), frozen, rank=tc.lora_rank, targets=tc.lora_targets)
       trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
     else:
       trainable, frozen = train_lib.split(params, predicate, frozen_dtype=frozen_dtype)
     del params
-    if tc.quantize:  # leaf by leaf, each placed as the rules say; the float leaf is freed as the next one starts
+    if tc.quantize:  # params given in memory (a checkpoint file was quantized as it loaded: no-op then)
       from pgjax import quant
       frozen = quant.quantize(frozen, bits=tc.quantize)
       frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))

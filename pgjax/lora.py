@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgjax import quant, tree
+from pgjax import layers, quant, tree
 
 # The LLM attention's projections (the seed recipe's trainable set). The MLP and SigLIP are opt-in by regex,
 # e.g. r"llm/layers/mlp/.*" or r"img/.*/MultiHeadDotProductAttention_0/.*/kernel".
@@ -120,7 +120,6 @@ class Adapted:
 
   def matmul(self, spec: str, x, compute_dtype):
     """x·W + (x·a)·b · scale, each dot through `layers.dot` in the compute dtype, float32 out."""
-    from pgjax import layers
     ins, out = spec.replace(" ", "").split("->")
     xs, ws = ins.split(",")
     contracted = "".join(c for c in ws if c not in out)

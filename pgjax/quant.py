@@ -27,9 +27,10 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from pgjax import tree
+from pgjax import layers, tree
 
 GROUP = 64  # int4 group size along the input axis (bitsandbytes' and most int4 kernels' default)
 
@@ -140,8 +141,9 @@ def quantize_array(w, in_axes: tuple[int, ...], bits: int) -> QArray:
     scale = xp.max(xp.abs(w), axis=axes, keepdims=True) / qmax
     codes = xp.round(w / xp.where(scale == 0, 1, scale))
   codes = xp.clip(codes, -qmax, qmax).astype(np.int8)
-  return QArray(jnp.asarray(codes).astype(jnp.int8 if bits == 8 else jnp.int4),
-                jnp.asarray(scale, jnp.float32), tuple(in_axes), bits)
+  if xp is np:  # stays on the host (checkpoint.load places it)
+    return QArray(codes if bits == 8 else codes.astype(ml_dtypes.int4), scale.astype(np.float32), tuple(in_axes), bits)
+  return QArray(codes.astype(jnp.int8 if bits == 8 else jnp.int4), scale.astype(jnp.float32), tuple(in_axes), bits)
 
 
 def dequantize(q: QArray, dtype=jnp.float32):
@@ -161,7 +163,6 @@ def dequantize(q: QArray, dtype=jnp.float32):
 # scan's backward reads in place) and dequantizes again, instead of keeping the float weight per layer.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _qdot(spec, cd, x, q):
-  from pgjax import layers
   return layers.dot(spec, x, dequantize(q, cd), cd)
 
 
@@ -170,7 +171,6 @@ def _qdot_fwd(spec, cd, x, q):
 
 
 def _qdot_bwd(spec, cd, residuals, g_y):
-  from pgjax import layers
   x, q = residuals
   dx_spec, _ = layers._transposed_specs(spec)
   g_x = layers.dot(dx_spec, g_y, dequantize(q, cd), cd).astype(x.dtype)
@@ -188,15 +188,16 @@ def is_quantized(leaf) -> bool:
 def quantize(params: dict, bits: int, *, embedding: bool = False, skip=()) -> dict:
   """Every matmul weight of `params` (nested or flat "a/b" keys) as a QArray; other leaves unchanged.
   `embedding`: quantize the token embedding too (it is also the output head; off by default).
-  `skip`: path regexes left unquantized (e.g. the leaves that will be trained)."""
+  `skip`: path regexes left unquantized (e.g. the leaves that will be trained). The result's codes and scales
+  are host (numpy) arrays: place them with jax.device_put (sharding.param_shardings gives their shardings)."""
   flat = tree.flatten(params)
   out = {}
   for path, leaf in flat.items():
     axes = input_axes(path) if path != EMBEDDING or not embedding else (-1,)
     if axes is None or is_quantized(leaf) or any(re.fullmatch(s, path) for s in skip):
       out[path] = leaf
-    else:
-      out[path] = quantize_array(leaf, axes, bits)
+    else:  # on the host, as checkpoint.load quantizes: the same float32 arithmetic, so the same codes and scales
+      out[path] = quantize_array(np.asarray(jax.device_get(leaf)), axes, bits)
   return tree.unflatten(out)
 
 
@@ -238,7 +239,7 @@ def unpack_int4(packed, shape) -> np.ndarray:
 def to_arrays(path: str, q: QArray) -> dict:
   """The npz entries of one quantized leaf: `path`/codes (int8, or int4 packed in uint8) and `path`/scale, and a
   small int32 record of bits and input axes, so that `from_arrays` needs nothing else."""
-  codes = np.asarray(q.codes.astype(jnp.int8))
+  codes = np.asarray(jax.device_get(q.codes)).astype(np.int8)
   meta = np.asarray([q.bits, q.ndim, *q.shape, *q.in_axes], np.int32)  # bits, ndim, shape, input axes
   return {f"{path}/__q_codes": pack_int4(codes) if q.bits == 4 else codes,
           f"{path}/__q_scale": np.asarray(q.scale, np.float32), f"{path}/__q_meta": meta}

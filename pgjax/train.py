@@ -51,8 +51,8 @@ def split(params, is_trainable=is_trainable, *, frozen_dtype=jnp.float16):
   trainable = {k: jnp.copy(v.astype(jnp.float32)) for k, v in flat.items() if predicate(k)}
   if not trainable:
     raise ValueError(f"the trainable predicate matches none of the {len(flat)} params (e.g. {next(iter(flat))})")
-  frozen = {k: v.astype(frozen_dtype) for k, v in flat.items() if not predicate(k)}
-  return tree.unflatten(trainable), tree.unflatten(frozen)
+  frozen = {k: v if hasattr(v, "matmul") else v.astype(frozen_dtype) for k, v in flat.items() if not predicate(k)}
+  return tree.unflatten(trainable), tree.unflatten(frozen)  # (a quantized leaf stays as it is)
 
 
 def merge(trainable, frozen):

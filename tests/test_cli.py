@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import screenshot
-from pgjax import checkpoint, cli, decode, finetune, rundir
+from pgjax import checkpoint, cli, decode, finetune, rundir, tree
 
 
 @pytest.fixture(scope="module")
@@ -473,3 +473,31 @@ def test_detect_and_segment_demos_run_and_report_their_metric(tmp_path, task, me
 def test_demo_flag_needs_no_train_file(jsonl, tmp_path, capsys):
   assert cli.main(_b(jsonl, tmp_path / "r", "--demo", "detect")) == 2
   assert "--demo picks the embedded demo's task" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ LoRA and quantized bases from the command line
+
+
+def test_lora_run_then_predict_with_its_adapter_pgjax_or_peft(tmp_path, capsys):
+  from pgjax import demo, hf
+  out = tmp_path / "run"
+  assert cli.main(["finetune", "--out", str(out), "--lora", "4", "--lora-alpha", "8", "--quantize", "int8",
+                   "--steps", "3", "--batch-size", "8", "--val-limit", "8", "--lr", "2.0"]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["trained"].startswith("LoRA rank 4, alpha 8") and summary["trained"].endswith("int8")
+  image = demo._image_paths("test")[0]
+  capsys.readouterr()
+  answers = {}
+  for name, extra in (("run", ["--adapter", str(out)]), ("run-int8", ["--adapter", str(out), "--quantize", "int8"])):
+    assert cli.main(["predict", "--image", image, "--prompt", "answer en what shape is in the image?", *extra]) == 0
+    answers[name] = capsys.readouterr().out.strip().split("\t")[1]
+  adapters, alpha = cli._adapter(str(out), demo.load_config())
+  assert alpha == 8.0 and all(k.endswith(("/a", "/b")) for k in tree.flatten(adapters))
+  hf.export_peft(adapters, demo.load_config(), tmp_path / "peft", alpha=alpha)
+  assert cli.main(["predict", "--image", image, "--prompt", "answer en what shape is in the image?",
+                   "--adapter", str(tmp_path / "peft")]) == 0
+  assert capsys.readouterr().out.strip().split("\t")[1] == answers["run"]  # the same adapters, through PEFT's files
+  assert cli.main(["predict", "--image", image, "--prompt", "x", "--adapter", str(tmp_path)]) == 2
+  assert "neither a PEFT adapter" in capsys.readouterr().err
+  assert cli.main(["finetune", "--out", str(out), "--quantize", "int3"]) == 2
+  assert "expected int8 or int4, got 'int3'" in capsys.readouterr().err

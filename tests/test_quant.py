@@ -110,3 +110,30 @@ def test_logits_of_quantized_models_stay_within_a_stated_multiple_of_the_step(na
     err = np.abs(fwd(quant.quantize(params, bits=bits)) - ref).max() / np.abs(ref).max()
     print(f"{name} int{bits}: max|dlogit| / max|logit| = {err:.4f} = {err / step:.2f} steps")
     assert err <= 4 * step, (bits, err)
+
+
+def test_checkpoint_quantizes_while_loading_and_a_quantized_tree_saves_and_loads(tmp_path):
+  from pgjax import checkpoint
+  cfg = config.get("tiny-gemma1-mqa")
+  params = random_params(cfg, seed=4)
+  checkpoint.save(tmp_path / "f.npz", params)
+  for bits in (8, 4):
+    skip = lambda p: p.startswith("llm/layers/attn/")
+    loaded = tree.flatten(checkpoint.load(tmp_path / "f.npz", cfg, quantize=bits, quantize_skip=skip))
+    want = tree.flatten(quant.quantize(params, bits=bits, skip=(r"llm/layers/attn/.*",)))
+    assert loaded.keys() == want.keys()
+    for k, v in want.items():
+      assert quant.is_quantized(loaded[k]) == quant.is_quantized(v), k
+      if quant.is_quantized(v):
+        np.testing.assert_array_equal(np.asarray(loaded[k].codes.astype(jnp.int8)), np.asarray(v.codes.astype(jnp.int8)))
+        np.testing.assert_array_equal(np.asarray(loaded[k].scale), np.asarray(v.scale))
+      else:
+        np.testing.assert_array_equal(np.asarray(loaded[k]), np.asarray(v), err_msg=k)
+    checkpoint.save(tmp_path / f"q{bits}.npz", tree.unflatten(loaded))
+    again = tree.flatten(checkpoint.load(tmp_path / f"q{bits}.npz", cfg))  # no re-quantizing: the record loads
+    assert sum(quant.is_quantized(x) for x in again.values()) == sum(quant.is_quantized(x) for x in want.values())
+    for k, v in loaded.items():
+      a, b = (quant.dequantize(x) if quant.is_quantized(x) else x for x in (again[k], v))
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+  # int4 on disk is half a byte per weight (+ scales): the saved file is smaller than the int8 one
+  assert (tmp_path / "q4.npz").stat().st_size < (tmp_path / "q8.npz").stat().st_size
