@@ -25,7 +25,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from pgjax import config, host, paligemma, train  # noqa: E402
+from pgjax import config, host, lora, paligemma, quant, train  # noqa: E402
 
 # Memory as the devices report it (nvidia-smi's total), GiB.
 DEVICES = {"T4-16GB": 15.0, "A10G-24GB": 22.5, "H100-80GB": 79.6}
@@ -52,26 +52,33 @@ def fits(peak_bytes: float) -> dict:
   return out
 
 
-def measure(name: str, text_len: int, batch: int, remat: str, compute_dtype: str = "float32") -> dict:
+def measure(name: str, text_len: int, batch: int, remat: str, compute_dtype: str = "float32", lora_rank: int = 0,
+            quantize: int = 0) -> dict:
   cfg = dataclasses.replace(config.get(name), remat=remat).with_compute_dtype(compute_dtype)
   sds = jax.ShapeDtypeStruct
   params = jax.eval_shape(lambda key: paligemma.init(key, cfg), jax.random.key(0))
   frozen_dtype = "float16"  # as the recipe keeps them (TrainConfig.frozen_dtype), whatever the compute dtype
-  trainable, frozen = jax.eval_shape(lambda p: train.split(p, frozen_dtype=jnp.dtype(frozen_dtype)), params)
+  if lora_rank:  # every param frozen; adapters on the LLM attention (lora.TARGETS), float32
+    frozen = jax.tree.map(lambda x: sds(x.shape, jnp.dtype(frozen_dtype)), params)
+    trainable = jax.eval_shape(lambda p: lora.init(jax.random.key(0), p, rank=lora_rank), params)
+  else:
+    trainable, frozen = jax.eval_shape(lambda p: train.split(p, frozen_dtype=jnp.dtype(frozen_dtype)), params)
+  if quantize:
+    frozen = quant.quantize_shapes(frozen, quantize)
   s = cfg.vision.image_size
   batch_sds = {"image": sds((batch, s, s, 3), jnp.float32),
                **{k: sds((batch, text_len), jnp.int32) for k in ("text", "mask_ar", "mask_loss", "mask_input")}}
-  step = train.make_train_step(cfg)
+  step = train.make_train_step(cfg, lora_alpha=2.0 * lora_rank if lora_rank else None)
   opt_state = jax.eval_shape(lambda t: train.init_opt_state(train.Optimizer(), t, cfg), trainable)
   lower_s, lowered = common.timed(lambda: step.lower(trainable, frozen, batch_sds, sds((), jnp.float32), opt_state))
   compile_s, compiled = common.timed(lowered.compile)
   ma = compiled.memory_analysis()
   arg, out, alias, temp = (int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
   peak = arg + out - alias + temp
-  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  nbytes = lambda tree: sum(x.size * (x.dtype.itemsize if x.dtype != jnp.int4 else 0.5) for x in jax.tree.leaves(tree))
   return {"config": {"name": name, "batch": batch, "text_len": text_len, "remat": remat, "image_tokens":
-                     cfg.num_image_tokens, "frozen_dtype": frozen_dtype, "trainable_dtype": "float32",
-                     "compute_dtype": compute_dtype},
+                     cfg.num_image_tokens, "frozen_dtype": f"int{quantize}" if quantize else frozen_dtype,
+                     "trainable_dtype": "float32", "compute_dtype": compute_dtype, "lora_rank": lora_rank},
           "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
           "generated_code_bytes": int(getattr(ma, "generated_code_size_in_bytes", 0)),
           "peak_bytes": peak, "peak_gib": peak / common.GiB, "trainable_bytes": nbytes(trainable),
@@ -87,6 +94,9 @@ def main(argv=None):
   ap.add_argument("--batches", default="1,8,16", help="with --config or --all")
   ap.add_argument("--text-len", type=int, default=128, help="with --config")
   ap.add_argument("--remat", default="none,full", help="with --config or --all")
+  ap.add_argument("--lora", type=int, default=0, help="LoRA adapters of this rank on the attention instead of "
+                  "attention-only training")
+  ap.add_argument("--quantize", type=int, default=0, choices=(0, 8, 4), help="the frozen matmul weights in int8/int4")
   args = ap.parse_args(argv)
   batches = [int(b) for b in args.batches.split(",")]
   remats = args.remat.split(",")
@@ -100,15 +110,16 @@ def main(argv=None):
   for name, text_len, batch, remat in cases:
     for compute_dtype in args.compute_dtypes.split(","):
       common.note(f"compiling {name} text {text_len} batch {batch} remat {remat} compute {compute_dtype}")
-      rec = measure(name, text_len, batch, remat, compute_dtype)
+      rec = measure(name, text_len, batch, remat, compute_dtype, args.lora, args.quantize)
       rows.append(common.emit("memory", rec.pop("config"), **rec))
   # The table: what fits, per case.
   devs = list(DEVICES)
-  head = f"{'config':<20} {'text':>4} {'batch':>5} {'remat':>5} {'compute':>8} {'peak GiB':>8} {'temp GiB':>8} {'compile s':>9}  "
+  head = f"{'config':<20} {'train':>9} {'text':>4} {'batch':>5} {'remat':>5} {'compute':>8} {'peak GiB':>8} {'temp GiB':>8} {'compile s':>9}  "
   common.note("\n" + head + "  ".join(f"{d:>12}" for d in devs))
   for r in rows:
     c = r["config"]
-    common.note(f"{c['name']:<20} {c['text_len']:>4} {c['batch']:>5} {c['remat']:>5} {c['compute_dtype']:>8} "
+    what = (f"lora{c['lora_rank']}" if c["lora_rank"] else "attn") + "/" + c["frozen_dtype"].replace("float", "f")
+    common.note(f"{c['name']:<20} {what:>9} {c['text_len']:>4} {c['batch']:>5} {c['remat']:>5} {c['compute_dtype']:>8} "
                 f"{r['peak_gib']:>8.2f} "
                 f"{r['temp_bytes'] / common.GiB:>8.2f} {r['compile_s']:>9.1f}  "
                 + "  ".join(f"{r['fits'][d].replace(' (mem fraction .9)', '*'):>12}" for d in devs))

@@ -201,6 +201,21 @@ def quantize(params: dict, bits: int, *, embedding: bool = False, skip=()) -> di
   return tree.unflatten(out)
 
 
+def quantize_shapes(params: dict, bits: int, *, embedding: bool = False, skip=()) -> dict:
+  """What `quantize` makes, as jax.ShapeDtypeStructs, from leaves with .shape and .dtype alone (for compiling
+  a quantized model's step without any weights: bench/memory.py)."""
+  out = {}
+  for path, leaf in tree.flatten(params).items():
+    axes = input_axes(path) if path != EMBEDDING or not embedding else (-1,)
+    if axes is None or any(re.fullmatch(s, path) for s in skip):
+      out[path] = leaf
+    else:
+      shape = tuple(leaf.shape)
+      out[path] = QArray(jax.ShapeDtypeStruct(shape, jnp.int8 if bits == 8 else jnp.int4),
+                         jax.ShapeDtypeStruct(scale_shape(shape, axes, bits), jnp.float32), tuple(axes), bits)
+  return tree.unflatten(out)
+
+
 def dequantize_tree(params: dict, dtype=jnp.float32) -> dict:
   """`params` with every QArray dequantized to `dtype`; other leaves unchanged."""
   return tree.unflatten({p: dequantize(x, dtype) if is_quantized(x) else x for p, x in tree.flatten(params).items()})

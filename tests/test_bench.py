@@ -240,3 +240,16 @@ def test_gpu_peaks_match_whole_words():
   assert common.gpu_peak("NVIDIA H100 80GB HBM3", "tf32")[0] == 495e12
   assert common.gpu_peak("NVIDIA GeForce RTX 4090", "tf32")[0] is None
 
+
+
+@pytest.mark.slow
+def test_memory_lora_on_quantized_bases():
+  plain, = run("memory.py", "--config", TINY, "--batches", "2", "--text-len", "16", "--remat", "none")
+  recs = {bits: run("memory.py", "--config", TINY, "--batches", "2", "--text-len", "16", "--remat", "none",
+                    "--lora", "4", "--quantize", str(bits))[0] for bits in (8, 4)}
+  for bits, r in recs.items():
+    assert (r["config"]["lora_rank"], r["config"]["frozen_dtype"]) == (4, f"int{bits}")
+    assert r["alias_bytes"] == r["trainable_bytes"]  # the adapters are donated
+    assert r["trainable_bytes"] < plain["trainable_bytes"] / 4  # rank 4 of width-64/128 attention
+  # int4 codes are half int8's bytes; both far below the float16 base (the float embedding is in all three)
+  assert recs[4]["frozen_bytes"] < recs[8]["frozen_bytes"] < plain["frozen_bytes"]
