@@ -244,9 +244,18 @@ def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path, key: str) -> np.ndar
 
 
 def read_shapes(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """{key: (shape, dtype)} from the .npy headers alone (bf16 reported as bfloat16, "params/" stripped)."""
+  """{key: (shape, dtype)} from the .npy headers alone (bf16 reported as bfloat16, "params/" stripped). A
+  quantized leaf's record is reported as one leaf of the weight's shape in int8 or int4 (its small record
+  read for that)."""
   with _open_zip(path) as zf:
-    return {k: (shape, dt) for k, (_, shape, dt) in _members(zf, path).items()}
+    members = _members(zf, path)
+    out = {k: (shape, dt) for k, (_, shape, dt) in members.items() if k.rpartition("/")[2] not in _Q_PARTS}
+    for name, (info, _, _) in members.items():
+      key, _, part = name.rpartition("/")
+      if part == "__q_meta":
+        meta = [int(m) for m in _read(zf, info, path, name)]
+        out[key] = (tuple(meta[2:2 + meta[1]]), np.dtype(np.int8) if meta[0] == 8 else np.dtype(ml_dtypes.int4))
+    return out
 
 
 def fingerprint(path) -> dict:

@@ -168,7 +168,8 @@ def describe(params, mesh: Mesh | None = None, rules=RULES) -> list[tuple[str, t
         placed, problem = None, str(e)
     spec = str(placed.spec) if isinstance(placed, NamedSharding) else "-"
     shard = shape if placed is None else placed.shard_shape(shape)
-    nbytes = None if problem else math.prod(shard) * dtype.itemsize  # Python ints: no int64 overflow
+    bits = 4 if dtype.name == "int4" else 8 * dtype.itemsize  # int4 codes: two per byte
+    nbytes = None if problem else math.prod(shard) * bits // 8  # Python ints: no int64 overflow
     rows.append((k, shape, str(dtype), spec, nbytes, problem))
   return rows
 

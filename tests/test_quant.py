@@ -135,5 +135,10 @@ def test_checkpoint_quantizes_while_loading_and_a_quantized_tree_saves_and_loads
     for k, v in loaded.items():
       a, b = (quant.dequantize(x) if quant.is_quantized(x) else x for x in (again[k], v))
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+  # `pgjax inspect` and config inference read a quantized file as the weights' shapes, in int8 / int4
+  shapes = checkpoint.read_shapes(tmp_path / "q4.npz")
+  assert shapes["llm/layers/mlp/linear"] == ((2, 128, 64), np.dtype("int4"))
+  assert shapes["llm/layers/attn/q_einsum/w"][1] == np.float32  # skipped when quantizing
+  assert checkpoint.infer_config(tmp_path / "q4.npz") == cfg
   # int4 on disk is half a byte per weight (+ scales): the saved file is smaller than the int8 one
   assert (tmp_path / "q4.npz").stat().st_size < (tmp_path / "q8.npz").stat().st_size
