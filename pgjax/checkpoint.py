@@ -255,6 +255,7 @@ def read_shapes(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
       if part == "__q_meta":
         meta = [int(m) for m in _read(zf, info, path, name)]
         out[key] = (tuple(meta[2:2 + meta[1]]), np.dtype(np.int8) if meta[0] == 8 else np.dtype(ml_dtypes.int4))
+        # (int4 is the weight's meaning; the file holds its codes packed two per byte)
     return out
 
 
@@ -390,7 +391,7 @@ def load(path, cfg: config_lib.PaliGemmaConfig | None = None, *, dtype=None, sha
           flat[key] = _place(arr, None if sharding is None else sharding(key, arr.shape, arr.dtype), key)
         del arr
       if q is not None:
-        codes_sh = None if sharding is None else sharding(key, q.shape, q.codes.dtype)
+        codes_sh = None if sharding is None else sharding(key, q.codes.shape, q.codes.dtype)
         flat[key] = quant.QArray(_place(q.codes, codes_sh, key),
                                  _place(q.scale, None if codes_sh is None else _scale_sharding(codes_sh, q.scale.shape),
                                         key), q.in_axes, q.bits)

@@ -8,8 +8,11 @@ head and is gathered by token id; quantizing it costs the most accuracy per byte
 - int8: symmetric absmax per output channel, the max over the leaf's input axes: codes in [-127, 127],
   w ~ codes * absmax / 127.
 - int4: symmetric absmax per group of 64 consecutive entries along the last input axis (the whole input
-  when that axis does not divide by 64): codes in [-7, 7], held as JAX's int4 (two per byte where the
-  backend packs them; on disk, `pack_int4` packs them in pairs into uint8).
+  when that axis does not divide by 64): codes in [-7, 7], packed two per byte (uint8) along that axis, in
+  memory and on disk alike. Packed by hand rather than as JAX's int4 dtype: XLA:CPU widened int4 buffers to
+  a byte each, for the whole stacked leaf at once, which made a 28B step's temporaries 30 GiB larger; bytes
+  unpacked per layer inside the matmul (shifts and masks) cost what int8's convert costs. A leaf whose last
+  input axis has odd length (SigLIP's patch embedding, 3 colour channels) gets int8 instead.
 
 A QArray is a pytree node (its codes and scales are the children), so `lax.scan` slices a stacked one per
 layer like any other leaf, sharding places its codes and scales, and `layers.dot` dequantizes it inside the
@@ -27,7 +30,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from pgjax import layers, tree
@@ -61,9 +63,9 @@ def input_axes(path: str) -> tuple[int, ...] | None:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
-  """A quantized weight: `codes` (int8 or int4, the weight's shape) and float32 `scale`: per output channel, the
-  weight's shape with every input axis 1; grouped (int4), the weight's shape with one entry per group along
-  the last input axis.
+  """A quantized weight: `codes` (int8 in the weight's shape; int4: uint8, two codes per byte along the last
+  input axis, so that axis is half as long) and float32 `scale`: per output channel, the weight's shape with
+  every input axis 1; grouped (int4), the weight's shape with one entry per group along the last input axis.
   `in_axes` (negative) and `bits` are static."""
   codes: jax.Array
   scale: jax.Array
@@ -71,8 +73,12 @@ class QArray:
   bits: int = dataclasses.field(metadata=dict(static=True))
 
   @property
-  def shape(self):
-    return self.codes.shape
+  def shape(self):  # the weight's
+    shape = tuple(self.codes.shape)
+    if self.bits == 4:
+      g = self.in_axes[-1] % len(shape)
+      shape = shape[:g] + (2 * shape[g],) + shape[g + 1:]
+    return shape
 
   @property
   def ndim(self):
@@ -84,12 +90,12 @@ class QArray:
 
   @property
   def nbytes(self) -> int:
-    return self.codes.size * self.bits // 8 + self.scale.size * self.scale.dtype.itemsize
+    return self.codes.size * self.codes.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
 
   def __getitem__(self, index):
     """Indexes leading axes (a layer, a fused weight's member), which come before every input axis."""
     index = index if isinstance(index, tuple) else (index,)
-    if len(index) > self.ndim + min(self.in_axes):
+    if len(index) > len(self.shape) + min(self.in_axes):
       raise IndexError(f"QArray {self.shape}: index {index} reaches an input axis {self.in_axes}")
     return QArray(self.codes[index], self.scale[index], self.in_axes, self.bits)
 
@@ -123,10 +129,16 @@ def scale_shape(shape, in_axes, bits) -> tuple[int, ...]:
   return tuple(1 if a in axes else n for a, n in enumerate(shape))
 
 
+def _bits_for(shape, in_axes, bits) -> int:
+  """int4 packs pairs along the last input axis: an odd one gets int8."""
+  return 8 if bits == 4 and shape[in_axes[-1] % len(shape)] % 2 else bits
+
+
 def quantize_array(w, in_axes: tuple[int, ...], bits: int) -> QArray:
   """One weight, quantized (in numpy when given numpy: no device copy of the float leaf)."""
   if bits not in (4, 8):
     raise ValueError(f"bits must be 8 or 4, got {bits}")
+  bits = _bits_for(np.shape(w), in_axes, bits)
   xp = np if isinstance(w, np.ndarray) else jnp
   w = xp.asarray(w, np.float32)
   axes = tuple(a % w.ndim for a in in_axes)
@@ -141,15 +153,21 @@ def quantize_array(w, in_axes: tuple[int, ...], bits: int) -> QArray:
     scale = xp.max(xp.abs(w), axis=axes, keepdims=True) / qmax
     codes = xp.round(w / xp.where(scale == 0, 1, scale))
   codes = xp.clip(codes, -qmax, qmax).astype(np.int8)
-  if xp is np:  # stays on the host (checkpoint.load places it)
-    return QArray(codes if bits == 8 else codes.astype(ml_dtypes.int4), scale.astype(np.float32), tuple(in_axes), bits)
-  return QArray(codes.astype(jnp.int8 if bits == 8 else jnp.int4), scale.astype(jnp.float32), tuple(in_axes), bits)
+  if bits == 4:
+    codes = pack_int4(codes, in_axes[-1])
+  # numpy in, numpy out: it stays on the host (checkpoint.load places it)
+  return QArray(codes, scale.astype(np.float32), tuple(in_axes), bits)
+
+
+def int_codes(q: QArray):
+  """The codes as int8 in the weight's shape (int4 unpacked)."""
+  return unpack_int4(q.codes, q.in_axes[-1]) if q.bits == 4 else q.codes
 
 
 def dequantize(q: QArray, dtype=jnp.float32):
   """codes * scale in `dtype` (the multiply in float32, then the cast)."""
   g, size = _group_axis(q.shape, q.in_axes, q.bits)
-  codes = q.codes.astype(jnp.float32)
+  codes = int_codes(q).astype(jnp.float32)
   if size:
     shape = q.shape
     codes = codes.reshape(*shape[:g], shape[g] // size, size, *shape[g + 1:])
@@ -211,8 +229,11 @@ def quantize_shapes(params: dict, bits: int, *, embedding: bool = False, skip=()
       out[path] = leaf
     else:
       shape = tuple(leaf.shape)
-      out[path] = QArray(jax.ShapeDtypeStruct(shape, jnp.int8 if bits == 8 else jnp.int4),
-                         jax.ShapeDtypeStruct(scale_shape(shape, axes, bits), jnp.float32), tuple(axes), bits)
+      b = _bits_for(shape, axes, bits)
+      g = axes[-1] % len(shape)
+      codes = shape if b == 8 else shape[:g] + (shape[g] // 2,) + shape[g + 1:]
+      out[path] = QArray(jax.ShapeDtypeStruct(codes, jnp.int8 if b == 8 else jnp.uint8),
+                         jax.ShapeDtypeStruct(scale_shape(shape, axes, b), jnp.float32), tuple(axes), b)
   return tree.unflatten(out)
 
 
@@ -232,46 +253,50 @@ def describe(params: dict) -> dict:
 # ------------------------------------------------------------------------------------------ on disk
 
 
-def pack_int4(codes) -> np.ndarray:
-  """int4 codes (any shape, an even number of entries) -> uint8, two per byte (the first in the low nibble)."""
-  c = np.asarray(codes).astype(np.int8).reshape(-1)
-  if c.size % 2:
-    c = np.concatenate([c, np.zeros(1, np.int8)])
-  u = (c & 0x0F).astype(np.uint8)
-  return u[0::2] | (u[1::2] << 4)
+def pack_int4(codes, axis: int):
+  """int8 codes in [-8, 7] -> uint8, two per byte along `axis` (even length): entry 2i in the low nibble, 2i + 1
+  in the high one. numpy or jax arrays alike."""
+  xp = np if isinstance(codes, np.ndarray) else jnp
+  axis = axis % codes.ndim
+  pairs = codes.reshape(*codes.shape[:axis], codes.shape[axis] // 2, 2, *codes.shape[axis + 1:])
+  lo, hi = (xp.take(pairs, i, axis=axis + 1).astype(xp.uint8) & 0x0F for i in (0, 1))
+  return lo | (hi << 4)
 
 
-def unpack_int4(packed, shape) -> np.ndarray:
-  """The inverse of `pack_int4`: int8 codes of `shape`."""
-  u = np.asarray(packed, np.uint8)
-  lo = (u & 0x0F).astype(np.int8)
-  hi = (u >> 4).astype(np.int8)
-  c = np.stack([lo, hi], axis=-1).reshape(-1)
-  c = np.where(c > 7, c - 16, c).astype(np.int8)
-  return c[:int(np.prod(shape))].reshape(shape)
+def unpack_int4(packed, axis: int):
+  """The inverse of `pack_int4`: int8 codes, `axis` twice as long."""
+  xp = np if isinstance(packed, np.ndarray) else jnp
+  axis = axis % packed.ndim
+  lo, hi = (packed & 0x0F).astype(xp.int8), (packed >> 4).astype(xp.int8)
+  both = xp.stack([lo, hi], axis=axis + 1)
+  both = xp.where(both > 7, both - 16, both).astype(xp.int8)  # the nibbles' two's complement
+  return both.reshape(*packed.shape[:axis], 2 * packed.shape[axis], *packed.shape[axis + 1:])
 
 
 def to_arrays(path: str, q: QArray) -> dict:
-  """The npz entries of one quantized leaf: `path`/codes (int8, or int4 packed in uint8) and `path`/scale, and a
-  small int32 record of bits and input axes, so that `from_arrays` needs nothing else."""
-  codes = np.asarray(jax.device_get(q.codes)).astype(np.int8)
-  meta = np.asarray([q.bits, q.ndim, *q.shape, *q.in_axes], np.int32)  # bits, ndim, shape, input axes
-  return {f"{path}/__q_codes": pack_int4(codes) if q.bits == 4 else codes,
-          f"{path}/__q_scale": np.asarray(q.scale, np.float32), f"{path}/__q_meta": meta}
+  """The npz entries of one quantized leaf: `path`/__q_codes (int8, or int4's packed uint8, as held in memory),
+  `path`/__q_scale and `path`/__q_meta, a small int32 record (bits, ndim, the weight's shape, its input axes), so
+  that `from_arrays` needs nothing else."""
+  meta = np.asarray([q.bits, len(q.shape), *q.shape, *q.in_axes], np.int32)
+  return {f"{path}/__q_codes": np.asarray(jax.device_get(q.codes)),
+          f"{path}/__q_scale": np.asarray(jax.device_get(q.scale), np.float32), f"{path}/__q_meta": meta}
 
 
 def from_arrays(path: str, codes, scale, meta) -> QArray:
-  """A QArray from the entries `to_arrays` wrote; a bad record names the leaf."""
+  """A QArray from the entries `to_arrays` wrote (host arrays); a bad record names the leaf."""
   meta = [int(m) for m in np.asarray(meta).reshape(-1)]
   try:
     bits, ndim = meta[0], meta[1]
     shape, in_axes = tuple(meta[2:2 + ndim]), tuple(meta[2 + ndim:])
     if bits not in (4, 8) or len(shape) != ndim or not in_axes or not all(-ndim <= a < 0 for a in in_axes):
       raise ValueError
-    c = unpack_int4(codes, shape) if bits == 4 else np.asarray(codes, np.int8).reshape(shape)
-    scale = np.asarray(scale, np.float32)
-    if scale.shape != scale_shape(shape, in_axes, bits):
+    g = in_axes[-1] % ndim
+    want = (shape if bits == 8 else shape[:g] + (shape[g] // 2,) + shape[g + 1:], np.int8 if bits == 8 else np.uint8)
+    codes, scale = np.asarray(codes), np.asarray(scale)
+    if (codes.shape, codes.dtype) != want or scale.dtype != np.float32 or \
+        scale.shape != scale_shape(shape, in_axes, bits):
       raise ValueError
   except (ValueError, IndexError):
-    raise ValueError(f"{path}: not a quantized leaf record (meta {meta}, codes {np.shape(codes)})") from None
-  return QArray(jnp.asarray(c).astype(jnp.int8 if bits == 8 else jnp.int4), jnp.asarray(scale), in_axes, bits)
+    raise ValueError(f"{path}: not a quantized leaf record (meta {meta}, codes {np.shape(codes)} "
+                     f"{getattr(codes, 'dtype', '')}, scale {np.shape(scale)})") from None
+  return QArray(codes, scale, in_axes, bits)

@@ -94,7 +94,7 @@ def param_shardings(params, mesh: Mesh, rules=RULES):
   out = {}
   for k, v in tree.flatten(params).items():
     if quant.is_quantized(v):
-      spec = spec_for(k, v.shape, mesh, rules)
+      spec = spec_for(k, v.codes.shape, mesh, rules)  # int4's codes: the packed axis must divide too
       scale = P(*(a if a is not None and n % mesh.shape[a] == 0 and n > 1 else None
                   for a, n in zip(spec, v.scale.shape)))
       out[k] = quant.QArray(NamedSharding(mesh, spec), NamedSharding(mesh, scale), v.in_axes, v.bits)

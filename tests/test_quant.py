@@ -16,20 +16,22 @@ def test_int8_is_absmax_per_output_channel_by_hand():
   np.testing.assert_array_equal(np.asarray(q.scale), np.float32([[4 / 127, 2 / 127]]))  # float32 scales
   # 1 / (4/127) = 31.75 -> 32; 0.5 / (2/127) = 31.75 -> 32; the absmax entries map to +-127
   np.testing.assert_array_equal(np.asarray(q.codes), [[32, -127], [127, 32]])
-  assert q.codes.dtype == jnp.int8 and q.nbytes == 4 + 2 * 4
+  assert q.codes.dtype == np.int8 and q.nbytes == 4 + 2 * 4
 
 
 def test_int4_groups_64_along_the_input_axis_by_hand():
   w = np.zeros((128, 2), np.float32)  # D F with D = 2 groups of 64
   w[3, 0], w[70, 0], w[100, 1], w[10, 1] = 7.0, -3.5, 1.4, -0.7
   q = quant.quantize_array(w, (-2,), 4)
-  assert q.codes.dtype == jnp.int4 and q.scale.shape == (2, 2)
+  assert (q.codes.dtype, q.codes.shape, q.shape, q.scale.shape) == (np.uint8, (64, 2), (128, 2), (2, 2))
   np.testing.assert_allclose(np.asarray(q.scale), [[1.0, 0.1], [0.5, 0.2]], rtol=1e-7)
-  codes = np.asarray(q.codes.astype(jnp.int8))
+  codes = np.asarray(quant.int_codes(q))
   assert (codes[3, 0], codes[70, 0], codes[100, 1], codes[10, 1]) == (7, -7, 7, -7)
   assert np.count_nonzero(codes) == 4
   # an input axis that does not divide by 64 falls back to one scale per output channel
   assert quant.quantize_array(np.ones((96, 3), np.float32), (-2,), 4).scale.shape == (1, 3)
+  # and an odd input axis, which cannot pack in pairs, gets int8
+  assert quant.quantize_array(np.ones((8, 8, 3, 4), np.float32), (-4, -3, -2), 4).bits == 8
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -66,9 +68,12 @@ def test_quantized_dot_under_scan_jit_and_grad_equals_the_dequantized_weight():
 
 
 def test_int4_packing_two_per_byte_by_hand():
-  packed = quant.pack_int4(np.array([1, -1, 7, -7, 0], np.int8))
-  np.testing.assert_array_equal(packed, [0xF1, 0x97, 0x00])  # low nibble first; -1 = 0xF, -7 = 0x9
-  np.testing.assert_array_equal(quant.unpack_int4(packed, (5,)), [1, -1, 7, -7, 0])
+  codes = np.array([[1, -1, 7, -7], [0, 3, -8, 2]], np.int8).T  # [4, 2]: packed along axis 0
+  packed = quant.pack_int4(codes, 0)
+  # low nibble first; -1 = 0xF, -7 = 0x9, -8 = 0x8
+  np.testing.assert_array_equal(packed, np.array([[0xF1, 0x97], [0x30, 0x28]], np.uint8).T)
+  np.testing.assert_array_equal(quant.unpack_int4(packed, 0), codes)
+  np.testing.assert_array_equal(np.asarray(quant.unpack_int4(jnp.asarray(packed), -2)), codes)  # jax alike
 
 
 def test_record_round_trips_and_a_bad_one_is_named():
@@ -76,7 +81,7 @@ def test_record_round_trips_and_a_bad_one_is_named():
   arrays = quant.to_arrays("llm/layers/mlp/linear", q)
   assert arrays["llm/layers/mlp/linear/__q_codes"].nbytes == 4 * 128 * 8 // 2
   back = quant.from_arrays("llm/layers/mlp/linear", *arrays.values())
-  np.testing.assert_array_equal(np.asarray(back.codes.astype(jnp.int8)), np.asarray(q.codes.astype(jnp.int8)))
+  np.testing.assert_array_equal(np.asarray(quant.int_codes(back)), np.asarray(quant.int_codes(q)))
   assert (back.in_axes, back.bits) == (q.in_axes, 4)
   with pytest.raises(ValueError, match="llm/layers/mlp/linear: not a quantized leaf record"):
     quant.from_arrays("llm/layers/mlp/linear", arrays["llm/layers/mlp/linear/__q_codes"],
@@ -125,7 +130,7 @@ def test_checkpoint_quantizes_while_loading_and_a_quantized_tree_saves_and_loads
     for k, v in want.items():
       assert quant.is_quantized(loaded[k]) == quant.is_quantized(v), k
       if quant.is_quantized(v):
-        np.testing.assert_array_equal(np.asarray(loaded[k].codes.astype(jnp.int8)), np.asarray(v.codes.astype(jnp.int8)))
+        np.testing.assert_array_equal(np.asarray(loaded[k].codes), np.asarray(v.codes))
         np.testing.assert_array_equal(np.asarray(loaded[k].scale), np.asarray(v.scale))
       else:
         np.testing.assert_array_equal(np.asarray(loaded[k]), np.asarray(v), err_msg=k)
