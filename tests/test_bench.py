@@ -253,3 +253,11 @@ def test_memory_lora_on_quantized_bases():
     assert r["trainable_bytes"] < plain["trainable_bytes"] / 4  # rank 4 of width-64/128 attention
   # int4 codes are half int8's bytes; both far below the float16 base (the float embedding is in all three)
   assert recs[4]["frozen_bytes"] < recs[8]["frozen_bytes"] < plain["frozen_bytes"]
+
+
+@pytest.mark.slow
+def test_adapters():
+  (r,) = run("adapters.py", "--config", TINY, "--reps", "1", "--batch", "2", "--text-len", "16", "--rank", "2")
+  assert set(r["steps"]) == {"plain", "int8", "int4", "lora", "qlora8", "qlora4"}
+  for v in ("int8", "int4", "lora", "qlora8", "qlora4"):
+    positive(r[f"{v}_to_plain_ratio"], r["steps"][v]["median_s"], r["first_step_s"][v])
