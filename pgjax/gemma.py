@@ -54,7 +54,10 @@ def init(key, cfg: GemmaConfig) -> dict:
 def embed(params: dict, tokens_BT, *, cfg: GemmaConfig):
   """Token embeddings times sqrt(D); the multiplier is cast to the table's dtype first, as in the reference."""
   table_VD = params["embedder"]["input_embedding"]
-  x_BTD = table_VD[tokens_BT] * jnp.asarray(cfg.width ** 0.5, table_VD.dtype)
+  rows_BTD = table_VD[tokens_BT]
+  if hasattr(rows_BTD, "matmul"):  # a quantized table (quant.quantize(..., embedding=True)): the rows dequantized
+    rows_BTD = rows_BTD.astype(jnp.float32)
+  x_BTD = rows_BTD * jnp.asarray(cfg.width ** 0.5, table_VD.dtype)
   return x_BTD.astype(jnp.float32)
 
 
