@@ -501,3 +501,10 @@ def test_lora_run_then_predict_with_its_adapter_pgjax_or_peft(tmp_path, capsys):
   assert "neither a PEFT adapter" in capsys.readouterr().err
   assert cli.main(["finetune", "--out", str(out), "--quantize", "int3"]) == 2
   assert "expected int8 or int4, got 'int3'" in capsys.readouterr().err
+
+
+def test_lora_without_lr_or_optimizer_takes_adamw_at_1e3():
+  tc = cli.train_config(cli._parser().parse_args(["finetune", "--lora", "8"]))
+  assert (tc.lora_rank, tc.optimizer.name, tc.lr, tc.adapter_alpha) == (8, "adamw", 1e-3, 16.0)
+  tc = cli.train_config(cli._parser().parse_args(["finetune", "--lora", "8", "--lr", "0.5"]))
+  assert (tc.optimizer.name, tc.lr) == ("sgd", 0.5)  # the preset's optimizer at the given lr
