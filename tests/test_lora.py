@@ -10,9 +10,6 @@ import pytest
 from pgjax import config, lora, paligemma, quant, train, tree
 from tests.helpers import assert_close_f32, prefix_lm_batch, random_params
 
-CONFIGS = ["tiny-gemma1-mqa", "tiny-gemma1-mha", "tiny-gemma2-gqa"]
-
-
 def _random_adapters(params, rank, seed, targets=lora.TARGETS):
   """lora.init, with b random too (a fresh b is zero, which would hide a wrong b layout)."""
   ad = lora.init(jax.random.key(seed), params, rank=rank, targets=targets)
@@ -49,7 +46,9 @@ def _logits(cfg, params, batch):
   return paligemma.forward(params, batch["image"], batch["text"], batch["mask_ar"], cfg=cfg)[0]
 
 
-@pytest.fixture(scope="module", params=CONFIGS)
+# MHA (a fused qkv_einsum) and GQA with Gemma 2's norms and soft caps; MQA's q_einsum + kv_einsum run in the
+# QLoRA, PEFT and sharded-step tests below and in tests/test_sharding.py.
+@pytest.fixture(scope="module", params=["tiny-gemma1-mha", "tiny-gemma2-gqa"])
 def model(request):
   cfg = config.get(request.param)
   return cfg, random_params(cfg, seed=3), prefix_lm_batch(cfg, [(5, 4), (3, 6)], 12, seed=1)
