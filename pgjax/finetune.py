@@ -426,8 +426,8 @@ def _eval_params(tc: TrainConfig, trainable, frozen) -> dict:
     return train_lib.merge(trainable, frozen)
   if tc.quantize:
     return lora.apply(frozen, trainable, alpha=tc.adapter_alpha)
-  f32 = {p: frozen_leaf.astype(jnp.float32) for p, frozen_leaf in tree.flatten(frozen).items()
-         if p in lora.adapted_paths(trainable)}
+  adapted = lora.adapted_paths(trainable)
+  f32 = {p: frozen_leaf.astype(jnp.float32) for p, frozen_leaf in tree.flatten(frozen).items() if p in adapted}
   return lora.merge(tree.unflatten({**tree.flatten(frozen), **f32}), trainable, alpha=tc.adapter_alpha)
 
 

@@ -98,10 +98,9 @@ def param_shardings(params, mesh: Mesh, rules=RULES):
       scale = P(*(a if a is not None and n % mesh.shape[a] == 0 and n > 1 else None
                   for a, n in zip(spec, v.scale.shape)))
       out[k] = quant.QArray(NamedSharding(mesh, spec), NamedSharding(mesh, scale), v.in_axes, v.bits)
-    elif k.endswith(("/a", "/b")) and _adapter_spec(k, v.shape, mesh, rules) is not None:
-      out[k] = NamedSharding(mesh, _adapter_spec(k, v.shape, mesh, rules))
     else:
-      out[k] = NamedSharding(mesh, spec_for(k, v.shape, mesh, rules))
+      spec = _adapter_spec(k, v.shape, mesh, rules) if k.endswith(("/a", "/b")) else None
+      out[k] = NamedSharding(mesh, spec if spec is not None else spec_for(k, v.shape, mesh, rules))
   return tree.unflatten(out)
 
 
