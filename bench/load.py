@@ -4,6 +4,7 @@
   python bench/load.py --path /big/disk --keep  # write there and keep the file (reused if it is already there)
   python bench/load.py --config tiny-gemma1-mqa # a smoke run
   python bench/load.py --scale 0.25             # a quarter of the layers and of the vocabulary (~1.4 GiB)
+  python bench/load.py --config paligemma2-10b-224 --quantize 4   # int4 while reading (checkpoint.load(quantize=))
 
 The file is written by `checkpoint.save` from leaves that make their random data only when save asks for
 them, so the whole tree is never in memory. Each measurement runs `checkpoint.load` in a fresh Python
@@ -11,6 +12,9 @@ process, which reports its peak resident memory from /proc/self/status VmHWM (ru
 forking parent's peak). Two runs: "cold" after asking the kernel to drop the file's cached pages
 (posix_fadvise DONTNEED; other files' cache is left alone), then "warm" with the file in the page cache.
 One JSON line per run. On a GPU the params land in device memory, so host RSS excludes them.
+With --quantize the matmul weights are quantized leaf by leaf as they are read; the record then also gives
+the budget the load should stay within, the quantized tree + the largest leaf as stored (float16) + 1 GiB
+(`rss_budget_bytes`, `within_budget`).
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def status_bytes(field: str) -> int:
   raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(path: str, name: str, scale: float) -> None:
+def child(path: str, name: str, scale: float, quantize: int) -> None:
   """Runs in the fresh process: load, then report timings and memory as one JSON object."""
   import jax
   from pgjax import checkpoint
@@ -92,12 +96,16 @@ def child(path: str, name: str, scale: float) -> None:
   jax.devices()  # start the backend before the baseline, so it is not counted as loading
   before = status_bytes("VmRSS")
   t0 = time.perf_counter()
-  params = checkpoint.load(path, cfg)
+  params = checkpoint.load(path, cfg, quantize=quantize or None)
   load_s = time.perf_counter() - t0
-  leaves = jax.tree.leaves(params)
+  leaves = jax.tree.leaves(params)  # a quantized weight's codes and scales are two leaves
+  params_bytes = sum(x.nbytes for x in leaves)
+  stored = max(math.prod(s) * 2 for s in checkpoint.manifest(cfg).values())  # float16 in the file
+  budget = {} if not quantize else {"largest_stored_leaf_bytes": stored, "rss_budget_bytes": params_bytes + stored + common.GiB,
+                                    "within_budget": status_bytes("VmHWM") <= params_bytes + stored + common.GiB}
   print(json.dumps({"load_s": load_s, "peak_rss_bytes": status_bytes("VmHWM"), "rss_before_bytes": before,
                     "rss_after_bytes": status_bytes("VmRSS"), "num_leaves": len(leaves),
-                    "params_bytes": sum(x.nbytes for x in leaves), "largest_leaf_bytes": max(x.nbytes for x in leaves),
+                    "params_bytes": params_bytes, "largest_leaf_bytes": max(x.nbytes for x in leaves), **budget,
                     "params_device": str(leaves[0].devices().pop().platform), "device": common.device_kind()}))
 
 
@@ -118,10 +126,12 @@ def main(argv=None):
   ap.add_argument("--scale", type=float, default=1.0, help="fraction of layers and vocabulary to keep (smoke tests)")
   ap.add_argument("--path", help="directory for the checkpoint (default: a new temp dir)")
   ap.add_argument("--keep", action="store_true", help="keep the file (and reuse it next time)")
+  ap.add_argument("--quantize", type=int, choices=(0, 8, 4), default=0,
+                  help="quantize the matmul weights to int8 / int4 while loading (0: float16 as stored)")
   ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: the measuring subprocess
   args = ap.parse_args(argv)
   if args.child:
-    return child(args.child, args.config, args.scale)
+    return child(args.child, args.config, args.scale, args.quantize)
 
   cfg = scaled_config(args.config, args.scale)
   from pgjax import checkpoint
@@ -148,7 +158,7 @@ def main(argv=None):
       dropped = drop_page_cache(path) if cache == "cold" else False
       common.note(f"loading ({cache}) in a fresh process")
       out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path, "--config", args.config,
-                            "--scale", str(args.scale)], capture_output=True, text=True, check=False)
+                            "--scale", str(args.scale), "--quantize", str(args.quantize)], capture_output=True, text=True, check=False)
       if out.returncode:
         raise SystemExit(f"the loading process failed ({out.returncode}):\n{out.stderr[-4000:]}")
       r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -157,6 +167,7 @@ def main(argv=None):
       device = r.pop("device")
       over = r["peak_rss_bytes"] - r["params_bytes"]
       common.emit("load", {"name": args.config, "scale": args.scale, "dtype": "float16", "file_bytes": size,
+                           "quantize": args.quantize,
                            "page_cache": "dropped (fadvise)" if dropped else cache}, device=device,
                   write_s=write_s, write_gib_per_s=size / common.GiB / write_s if write_s else None,
                   **r, load_gib_per_s=size / common.GiB / r["load_s"], peak_rss_gib=r["peak_rss_bytes"] / common.GiB,

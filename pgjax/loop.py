@@ -4,7 +4,8 @@
 (seed, step): the data order (`batches_from(step)`), augmentation and the learning rate (`lr_schedule(step)`,
 steps counted from 1). So resuming at a saved step (pgjax/rundir.py keeps the folder) continues exactly
 where an uninterrupted run would be, bit for bit. A run stopped by an error, Ctrl-C or a termination signal
-logs and saves its last completed step first. Multi-process (jax.distributed): every process runs `fit` alike.
+logs and saves its last completed step first. Multi-process (jax.distributed): every process runs `fit` alike,
+and a stop signal that reaches any of them stops all after the same step (StopVote).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pgjax import rundir, train
 from pgjax.config import PaliGemmaConfig
@@ -66,6 +68,37 @@ def stop_on_signals(signals=STOP_SIGNALS, *, deferred: list | None = None):
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
+
+
+class StopVote:
+  """Agreement on a stop between processes (jax.distributed). A signal reaches the processes at different
+  steps, or only one of them (a Ctrl-C in one terminal), and the save that keeps the run is a collective
+  every process must join after the same step. So at each step boundary every process puts the signal it
+  has seen (0: none) into an all-reduce (max) over all devices, which runs asynchronously on the devices; its
+  result is read at the next boundary, after the step between has been dispatched, so reading it costs no
+  wait and the train step's pipelining is kept. Every process reads the same value at the same boundary, so
+  all stop after the same step: one step after the first process saw the signal."""
+
+  def __init__(self):
+    mesh = Mesh(np.array(jax.devices()), ("p",))  # jax.devices() lists each process's devices together
+    self._votes = NamedSharding(mesh, P("p"))
+    self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    self._pending = None
+
+  def _launch(self, signum: int):
+    local = np.full((jax.local_device_count(),), signum, np.int32)
+    return self._max(jax.make_array_from_process_local_data(self._votes, local))
+
+  def poll(self, signum: int) -> int:
+    """The signal agreed on at the previous boundary (0: none, or the first boundary); casts this one's vote."""
+    agreed = 0 if self._pending is None else int(self._pending)
+    self._pending = self._launch(signum)
+    return agreed
+
+  def last(self, signum: int) -> int:
+    """At the end of the run: the votes of the previous boundary and of this one, waited for."""
+    agreed = self.poll(signum)
+    return max(agreed, int(self._pending))
 
 
 def _place_opt_state(opt_state, mesh):
@@ -159,11 +192,22 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
   done = saved = start  # the last step whose update `trainable` holds; the last step saved
   batches = batches_from(start)
   requested = []  # a stop signal (SIGTERM, SIGHUP, Ctrl-C) that arrived: acted on between steps
+  vote = StopVote() if jax.process_count() > 1 else None
+
+  def agreed(last=False) -> int:  # the signal all processes stop on now, or 0
+    seen = requested[0] if requested else 0
+    return seen if vote is None else vote.last(seen) if last else vote.poll(seen)
+
+  def stopped(signum):
+    e = Stopped(signum)
+    e.agreed = True  # every process raises it after the same step, so the save below is a collective all join
+    return e
+
   try:
     with stop_on_signals(STOP_SIGNALS + (signal.SIGINT,), deferred=requested):
       for step in range(start + 1, num_steps + 1):
-        if requested:
-          raise Stopped(requested[0])
+        if signum := agreed():
+          raise stopped(signum)
         batch = next(batches)
         t0 = time.perf_counter()
         trainable, opt_state, metrics = train_step(trainable, frozen, batch, lr_schedule(step), opt_state)
@@ -182,15 +226,16 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
       if pending is not None:
         previous, pending = pending, None
         report(*previous)
-      if requested:  # during the last step: it is saved (with out_dir) and logged; the caller stops
-        raise Stopped(requested[0])
+      if signum := agreed(last=True):  # during the last step: it is saved (with out_dir) and logged
+        raise stopped(signum)
   except (Exception, KeyboardInterrupt) as e:
     # A run stopped by an error in its data (an image that fails to decode at step 5,000), a callback,
     # Ctrl-C or a termination signal (Stopped) keeps what it trained: the completed step's metrics still
     # pending are logged, then the state after it is saved (checked finite, as every save), and the same
-    # command resumes there. Not after a divergence (nothing good to save), and not with several processes
-    # (a save is a collective the others are not in).
-    if isinstance(e, Diverged) or out_dir is None or jax.process_count() > 1:
+    # command resumes there. Not after a divergence (nothing good to save), and with several processes only
+    # after a stop they voted on: a save is a collective, and an error in one process is not in the others.
+    if (isinstance(e, Diverged) or out_dir is None
+        or (jax.process_count() > 1 and not getattr(e, "agreed", False))):
       raise
     # Unlogged completed steps: the one pending, and the one just run if a callback stopped the run before
     # its metrics were queued. Logging them means the log ends at the step the checkpoint holds.

@@ -134,11 +134,27 @@ def _bits_for(shape, in_axes, bits) -> int:
   return 8 if bits == 4 and shape[in_axes[-1] % len(shape)] % 2 else bits
 
 
+SLICE_BYTES = 1 << 28  # a numpy leaf larger than this (as float32) is quantized one leading-axis slice at a time
+
+
 def quantize_array(w, in_axes: tuple[int, ...], bits: int) -> QArray:
-  """One weight, quantized (in numpy when given numpy: no device copy of the float leaf)."""
+  """One weight, quantized (in numpy when given numpy: no device copy of the float leaf). A large numpy leaf
+  is quantized one slice of its first axis at a time (the layer axis of a stacked leaf: never an input
+  axis, so each slice quantizes alone): the float32 temporaries are then a slice's, not the leaf's. A 10B's
+  stacked MLP weight is 8 GiB in float16 and would need ~4x that in float32 temporaries at once."""
   if bits not in (4, 8):
     raise ValueError(f"bits must be 8 or 4, got {bits}")
   bits = _bits_for(np.shape(w), in_axes, bits)
+  if (isinstance(w, np.ndarray) and w.ndim + min(in_axes) > 0 and w.shape[0] > 1
+      and w.size * 4 > SLICE_BYTES):
+    first = quantize_array(w[0], in_axes, bits)
+    codes = np.empty((len(w),) + first.codes.shape, first.codes.dtype)
+    scale = np.empty((len(w),) + first.scale.shape, first.scale.dtype)
+    codes[0], scale[0] = first.codes, first.scale
+    for i in range(1, len(w)):
+      part = quantize_array(w[i], in_axes, bits)
+      codes[i], scale[i] = part.codes, part.scale
+    return QArray(codes, scale, tuple(in_axes), bits)
   xp = np if isinstance(w, np.ndarray) else jnp
   w = xp.asarray(w, np.float32)
   axes = tuple(a % w.ndim for a in in_axes)

@@ -11,6 +11,7 @@ WORKDIR/share_{NUM_PROCESSES}_{PROCESS_ID}.npz. A failed check exits non-zero.
 
 import dataclasses
 import os
+import signal
 import sys
 
 import jax
@@ -99,6 +100,26 @@ out.update({f"saved/{k}": np.asarray(v) for k, v in checkpoint.flatten(saved).it
 trainable, _, hist = loop.fit(CFG, dataclasses.replace(tc, steps=4), place(host[0], tr_sh), frozen, batches_from, **kw)
 assert hist.steps == [4], hist.steps
 out.update(gather(trainable, "resumed"), resumed_loss=np.array(hist.loss))
+
+# stop: a signal to one process stops every process after the same step, saved and logged.
+def signalled_batches(start):
+  for s, b in zip(range(start + 1, 100), batches_from(start)):
+    if s == 3 and PID == NUM - 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    yield b
+
+
+logged, expect = [], 3 if NUM == 1 else 4
+kw["out_dir"] = os.path.join(WORKDIR, f"stop_{NUM}")
+try:
+  loop.fit(CFG, dataclasses.replace(tc, steps=6, save_every=0), place(host[0], tr_sh), frozen, signalled_batches,
+           on_step=lambda step, m: logged.append(step), **kw)
+  raise AssertionError("no Stopped")
+except loop.Stopped as e:
+  assert (e.signum, e.step, logged) == (signal.SIGTERM, expect, list(range(1, expect + 1))), (e, e.step, logged)
+assert rundir.latest(kw["out_dir"]).endswith(f"step_{expect:06d}"), rundir.latest(kw["out_dir"])
+stopped = checkpoint.load(os.path.join(rundir.latest(kw["out_dir"]), "trainable.npz"))
+out.update({f"stopped/{k}": np.asarray(v) for k, v in checkpoint.flatten(stopped).items()})
 
 np.savez(os.path.join(WORKDIR, f"share_{NUM}_{PID}.npz"),
          **{f"{s}/{k}": v for s, b in sorted(fed.items()) for k, v in b.items()})

@@ -141,13 +141,17 @@ def test_memory():
 
 
 @pytest.mark.slow
-def test_load(tmp_path):
-  records = run("load.py", "--config", TINY, "--path", str(tmp_path))
+@pytest.mark.parametrize("quantize", [0, 4])
+def test_load(tmp_path, quantize):
+  records = run("load.py", "--config", TINY, "--path", str(tmp_path), "--quantize", str(quantize))
   assert [r["config"]["page_cache"] for r in records] in (["dropped (fadvise)", "warm"], ["cold", "warm"])
   for r in records:
     positive(r["load_s"], r["peak_rss_bytes"], r["params_bytes"], r["write_s"])
-    assert r["peak_rss_bytes"] >= r["rss_before_bytes"]
-    assert r["num_leaves"] == 32  # tiny Gemma 1 MQA: 32 leaves in the checkpoint layout
+    assert r["peak_rss_bytes"] >= r["rss_before_bytes"] and r["config"]["quantize"] == quantize
+    # tiny Gemma 1 MQA: 32 leaves in the checkpoint layout; int4 splits its 13 matmul weights (8 in SigLIP, 5 in Gemma) in codes + scales
+    assert r["num_leaves"] == 32 + (13 if quantize else 0)
+    if quantize:  # codes at half a byte, a float32 scale per 64: under half the float16 file's bytes
+      assert r["params_bytes"] < 0.5 * r["config"]["file_bytes"] and "within_budget" in r
   assert not list(tmp_path.iterdir())  # deleted without --keep
 
 

@@ -3,7 +3,7 @@
 tests/multihost_worker.py runs in fresh subprocesses, never in this one (whose XLA_FLAGS ask for 8 devices):
 once as one process with 4 CPU devices, once as two processes with 2 each, so both meshes have 4 devices.
 Both train the same steps: the train step alone, then loop.fit with the real data pipeline, checkpoints and a
-resume. The two-process run must end where the one-process run ends, and that where one plain device ends.
+resume, then a run that a signal to one process stops. The two-process run must end where the one-process run ends, and that where one plain device ends.
 """
 
 import os
@@ -130,6 +130,19 @@ def test_fit_checkpoints_and_resumes_across_processes(runs):
     np.testing.assert_array_equal(two["saved/" + k[4:]], two[k], err_msg=k)
   names = sorted(os.listdir(workdir / "run_2" / "checkpoints"))
   assert names == ["LATEST", "step_000003", "step_000004"], names  # keep=2, no temporary folders left
+
+
+def test_a_signal_to_one_process_stops_all_after_the_same_step(runs):
+  # The workers check that every process stopped after the same step, logged it and saved it (one process: step
+  # 3, the boundary after the signal; two: step 4, a boundary later). Saved is the state an unbroken run has
+  # there: fit's after step 3, and the resumed run's after step 4, bit for bit (same mesh, same steps).
+  workdir, one, two = runs
+  for result, expected in ((one, "fit/"), (two, "resumed/")):
+    keys = [k for k in result if k.startswith("stopped/")]
+    assert keys and len(keys) == len([k for k in result if k.startswith(expected)])
+    for k in keys:
+      np.testing.assert_array_equal(result[k], result[expected + k[len("stopped/"):]], err_msg=k)
+  assert sorted(os.listdir(workdir / "stop_2" / "checkpoints")) == ["LATEST", "step_000004"]
 
 
 def test_each_process_reads_its_contiguous_share(runs):

@@ -46,6 +46,23 @@ def test_dequantized_weights_are_within_half_a_step(bits):
   assert (err <= 0.5 * step * (1 + 1e-6)).all()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_large_leaf_quantized_slice_by_slice_is_the_whole_leaf_quantized(bits, monkeypatch):
+  # Per output channel (int8) and per group along the input axis (int4), a slice of the first axis (the
+  # layer, an output axis) quantizes alone: quantizing slice by slice must give the same codes and scales.
+  w = np.random.default_rng(3).standard_t(3, size=(3, 2, 128, 6)).astype(np.float16)  # L J D F, as stored
+  whole = quant.quantize_array(w, (-2,), bits)
+  monkeypatch.setattr(quant, "SLICE_BYTES", 0)
+  sliced = quant.quantize_array(w, (-2,), bits)
+  for a, b in ((whole.codes, sliced.codes), (whole.scale, sliced.scale)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+  assert quant.quantize_array(w[0, 0], (-2,), bits).codes.shape == whole.codes.shape[2:]  # 2-D: whole
+  # a leaf whose first axis is an input axis is never sliced (SigLIP's patch embedding: p q C D)
+  emb = np.random.default_rng(4).normal(size=(4, 4, 3, 8)).astype(np.float32)
+  np.testing.assert_array_equal(quant.quantize_array(emb, (-4, -3, -2), bits).scale.shape, (1, 1, 1, 8))
+
+
 def test_quantized_dot_under_scan_jit_and_grad_equals_the_dequantized_weight():
   rng = np.random.default_rng(1)
   w = rng.normal(size=(3, 2, 4, 128, 16)).astype(np.float32)  # L J K D H
