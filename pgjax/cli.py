@@ -53,8 +53,7 @@ def _model(args, dtype=None):
 def _adapter(path, cfg):
   """(LoRA adapters, alpha) from --adapter: a PEFT adapter directory (adapter_config.json), a pgjax run folder
   (its newest checkpoint) or one of its checkpoint folders (trainable.npz + state.json)."""
-  import numpy as np
-  from pgjax import hf, lora, rundir, tree
+  from pgjax import checkpoint, hf, lora, rundir
   if os.path.exists(os.path.join(path, "adapter_config.json")):
     return hf.import_peft(path, cfg)
   step = path if os.path.exists(os.path.join(path, "trainable.npz")) else rundir.latest(path)
@@ -64,8 +63,7 @@ def _adapter(path, cfg):
   tc = rundir.read_state(step).get("train_config", {})
   if not tc.get("lora_rank"):
     raise ValueError(f"--adapter {step}: this run trained no LoRA adapters (its train_config has no lora_rank)")
-  with np.load(os.path.join(step, "trainable.npz"), allow_pickle=False) as z:
-    adapters = tree.unflatten({k: np.asarray(z[k]) for k in z.files})
+  adapters = checkpoint.load(os.path.join(step, "trainable.npz"))  # the one npz reader: its checks, its errors
   lora.adapted_paths(adapters)  # every leaf an a or b of a pair
   return adapters, float(tc["lora_alpha"] or 2 * tc["lora_rank"])
 

@@ -77,15 +77,35 @@ def loss_fn(params, batch, *, cfg: PaliGemmaConfig):
   return jnp.mean(loss_B), loss_B
 
 
+HEAD_CHUNK_BYTES = 1 << 28  # under remat, the head's float32 logits are made this many bytes at a time
+
+
 def _target_nll(params, batch, *, cfg: PaliGemmaConfig):
-  """The NLL of each next text token [B, T-1] from one teacher-forced forward, and the loss mask [B, T-1]."""
+  """The NLL of each next text token [B, T-1] from one teacher-forced forward, and the loss mask [B, T-1].
+
+  Under remat the output head runs in chunks of positions, each recomputed in the backward: the float32
+  logits over a 257k vocabulary are ~1 MB per position (8.4 GB for batch 8 at text 128 with their
+  gradient and softmax), the largest temporaries of a remat step. Remat is chosen for memory, and the
+  recompute adds one head matmul (~2% of a 3B step). Without remat the logits are made whole (no recompute)."""
   text_BT = batch["text"]
   _, aux = paligemma.forward(params, batch["image"], text_BT[:, :-1], batch["mask_ar"][:, :-1], cfg=cfg,
                              return_logits=False)
-  logits_BTV = gemma.logits(params["llm"], aux["llm/pre_logits"], cfg=cfg.llm)
-  targets_BT = text_BT[:, 1:]
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
+  x_BTD, targets_BT = aux["llm/pre_logits"], text_BT[:, 1:]
+
+  def nll(x_NTD, targets_NT):
+    logits_NTV = gemma.logits(params["llm"], x_NTD, cfg=cfg.llm)
+    target_logit_NT = jnp.take_along_axis(logits_NTV, targets_NT[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_NTV, axis=-1) - target_logit_NT
+
+  B, T, _ = x_BTD.shape
+  rows = max(1, HEAD_CHUNK_BYTES // (4 * T * cfg.llm.vocab_size))  # whole rows of positions per chunk
+  if cfg.remat == "none" or rows >= B:
+    nll_BT = nll(x_BTD, targets_BT)
+  else:
+    n = -(-B // rows)
+    pad = lambda a: jnp.pad(a, [(0, n * rows - B)] + [(0, 0)] * (a.ndim - 1)).reshape(n, rows, *a.shape[1:])
+    nll_BT = jax.lax.map(lambda a: jax.checkpoint(nll)(*a), (pad(x_BTD), pad(targets_BT)))
+    nll_BT = nll_BT.reshape(n * rows, T)[:B]
   return nll_BT, batch["mask_loss"][:, 1:].astype(jnp.float32)
 
 

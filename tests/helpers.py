@@ -3,14 +3,26 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pgjax import paligemma
 
 
+_RANDOM_PARAMS = {}  # (cfg, seed) -> the host copy: init compiles for ~10 s, and test modules ask again and again
+
+
 def random_params(cfg, seed=0):
   """paligemma.init, with norm scales, biases and the (zero-initialised) image head made random too,
-  so that a wrong norm offset or a dropped bias cannot hide behind a zero."""
+  so that a wrong norm offset or a dropped bias cannot hide behind a zero. Made once per (cfg, seed) in a
+  test session; each call gets its own device arrays (a train step may donate them)."""
+  if (cfg, seed) not in _RANDOM_PARAMS:
+    _RANDOM_PARAMS[cfg, seed] = jax.tree.map(np.asarray, _random_params(cfg, seed))
+  # a fresh host copy first: on CPU a device array may alias the numpy buffer it was made from
+  return jax.tree.map(lambda x: jnp.asarray(np.array(x)), _RANDOM_PARAMS[cfg, seed])
+
+
+def _random_params(cfg, seed):
   params = jax.jit(paligemma.init, static_argnums=1)(jax.random.key(seed), cfg)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))

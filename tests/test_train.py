@@ -229,3 +229,25 @@ def test_backward_keeps_no_per_layer_copy_of_the_weights(remat, compute_dtype):
   for avals in llm_scans:
     for aval in avals:
       assert all(aval.shape[1:] != shape for shape in weights.values()), (aval, weights)
+
+
+def test_the_head_in_chunks_under_remat_gives_the_whole_heads_loss_and_gradients(monkeypatch):
+  cfg = dataclasses.replace(config.get("tiny-gemma2-gqa"), remat="full")  # Gemma 2: the final soft cap too
+  batch = prefix_lm_batch(cfg, LENGTHS, 12)
+  trainable, frozen = train.split(random_params(cfg, seed=2), train.is_trainable, frozen_dtype=jnp.float32)
+
+  def run(chunk_bytes):  # a new function each time, so jit traces it again under the chunk size set now
+    monkeypatch.setattr(train, "HEAD_CHUNK_BYTES", chunk_bytes)
+    grad = jax.value_and_grad(lambda tr: train.loss_fn(train.combine(tr, frozen), batch, cfg=cfg)[0])
+    scans = sum(e.primitive.name == "scan" for e, _ in jaxpr_eqns(jax.make_jaxpr(grad)(trainable).jaxpr))
+    return jax.jit(grad)(trainable), scans
+
+  row_bytes = 4 * (batch["text"].shape[1] - 1) * cfg.llm.vocab_size
+  (whole, g_whole), scans_whole = run(1 << 40)  # one chunk: the head made whole
+  for rows in (1, 3):  # 4 chunks of one row; 2 chunks of 3, the last padded by 2
+    (chunked, g_chunked), scans_chunked = run(rows * row_bytes)
+    assert scans_chunked == scans_whole + 2, rows  # the chunks' forward scan and its backward
+    # Each row's logits are the same products in both, blocked differently by the dot: 64 eps32 of the loss
+    # (a few times log V here) and of each gradient leaf's largest entry, as the other reorderings here.
+    assert_close_f32(chunked, whole, ulps_of_max=64, what=f"loss, {rows} rows a chunk")
+    assert_close_f32(g_chunked, g_whole, ulps_of_max=64, what=f"grads, {rows} rows a chunk")
