@@ -420,6 +420,22 @@ def test_a_read_only_out_exits_2_naming_it(jsonl, tmp_path, capsys):
     subprocess.run(["umount", str(ro)], check=True)
 
 
+def test_a_folder_without_write_permission_exits_2_naming_it(jsonl, tmp_path, capsys, monkeypatch):
+  # EACCES as a non-root user meets it: root (CI) may write anywhere, so the OS is made to refuse, as
+  # os.makedirs does on a folder the user cannot write.
+  import errno
+  real = os.makedirs
+
+  def refuse(path, *a, **k):
+    if str(path).startswith(str(tmp_path / "locked")):
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return real(path, *a, **k)
+
+  monkeypatch.setattr(os, "makedirs", refuse)
+  assert cli.main(_b(jsonl, tmp_path / "locked", "--steps", "1")) == 2
+  assert f"--out {tmp_path / 'locked'}: cannot make the folder (Permission denied)" in capsys.readouterr().err
+
+
 def test_eval_and_predict_decode_as_the_flags_say(tmp_path, capsys):
   from pgjax import demo, evaluate
   rows = demo.questions("test")[:3]
