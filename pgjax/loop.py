@@ -38,9 +38,10 @@ class Stopped(KeyboardInterrupt):
   `fit` Ctrl-C. A KeyboardInterrupt, so it is handled as Ctrl-C is: `fit` finishes the step in flight, logs
   and saves it, then raises this."""
 
-  def __init__(self, signum: int):
+  def __init__(self, signum: int, *, agreed: bool = False):
     super().__init__(f"stopped by {signal.Signals(signum).name}")
     self.signum = signum
+    self.agreed = agreed  # raised by every process after the same step (StopVote): the save can be a collective
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -196,18 +197,15 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
 
   def agreed(last=False) -> int:  # the signal all processes stop on now, or 0
     seen = requested[0] if requested else 0
-    return seen if vote is None else vote.last(seen) if last else vote.poll(seen)
-
-  def stopped(signum):
-    e = Stopped(signum)
-    e.agreed = True  # every process raises it after the same step, so the save below is a collective all join
-    return e
+    if vote is None:
+      return seen
+    return vote.last(seen) if last else vote.poll(seen)
 
   try:
     with stop_on_signals(STOP_SIGNALS + (signal.SIGINT,), deferred=requested):
       for step in range(start + 1, num_steps + 1):
         if signum := agreed():
-          raise stopped(signum)
+          raise Stopped(signum, agreed=True)
         batch = next(batches)
         t0 = time.perf_counter()
         trainable, opt_state, metrics = train_step(trainable, frozen, batch, lr_schedule(step), opt_state)
@@ -227,7 +225,7 @@ def fit(cfg: PaliGemmaConfig, tc: "TrainConfig", trainable, frozen, batches_from
         previous, pending = pending, None
         report(*previous)
       if signum := agreed(last=True):  # during the last step: it is saved (with out_dir) and logged
-        raise stopped(signum)
+        raise Stopped(signum, agreed=True)
   except (Exception, KeyboardInterrupt) as e:
     # A run stopped by an error in its data (an image that fails to decode at step 5,000), a callback,
     # Ctrl-C or a termination signal (Stopped) keeps what it trained: the completed step's metrics still
