@@ -23,6 +23,12 @@ from pgjax import host
 
 GiB = 1 << 30
 
+# Off unless asked for: the first-call figures ("*_first_s") time compilation, and a cache would make them time
+# loading. The test suite sets it (one cache shared by every script it runs) so that the programs two scripts
+# have in common compile once. Every record says which cache, if any, it ran with.
+CACHE_ENV = "PGJAX_BENCH_COMPILE_CACHE"
+COMPILE_CACHE = host.enable_compilation_cache(os.environ.get(CACHE_ENV) or None)
+
 # Dense peaks by device kind, in FLOP/s, from the vendors' datasheets (no sparsity). Keys are matched as whole
 # words of jax's device_kind ("NVIDIA H100 PCIe", "NVIDIA L40S", "Tesla T4"), first match wins, so the
 # specific variants come before the family. "f32" is the plain (non-tensor-core) rate, "tf32" what float32
@@ -148,7 +154,8 @@ def emit(bench: str, config: dict, extra_versions: tuple = (), device: str | Non
       return {k: clean(v) for k, v in x.items()}
     return x
   record = {"bench": bench, "machine": machine(), "device": device or device_kind(), "versions": versions(*extra_versions),
-            "config": config, **{k: clean(v) for k, v in figures.items()}}
+            "compile_cache": jax.config.jax_compilation_cache_dir or None, "config": config,
+            **{k: clean(v) for k, v in figures.items()}}
   print(json.dumps(record), flush=True)
   return record
 

@@ -33,6 +33,7 @@ def run(script, *args):
   # conftest's 8 fake devices are for the sharding tests; the benchmarks use one device, as users run them.
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if not f.startswith("--xla_force_host_platform_device_count"))
+  env["PGJAX_BENCH_COMPILE_CACHE"] = os.environ["PGJAX_TEST_XLA_CACHE"]  # conftest's: compile each program once
   out = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -44,6 +45,7 @@ def run(script, *args):
     assert {"platform", "cpu", "cores"} <= r["machine"].keys() and r["machine"]["cores"] >= 1
     assert r["device"].startswith("cpu:")
     assert r["versions"]["jax"] and r["versions"]["jaxlib"] and r["versions"]["numpy"]
+    assert r["compile_cache"] == env["PGJAX_BENCH_COMPILE_CACHE"]
     assert isinstance(r["config"], dict) and r["config"]["name"] == TINY
     # The scripts run as the pgjax command does: re-executed with glibc's tunables (pgjax/host.py).
     tuned = host.allocator_env(env)

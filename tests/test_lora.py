@@ -1,6 +1,7 @@
 """LoRA adapters: the adapted matmul against a merged weight built by hand in numpy, gradients, QLoRA."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,9 @@ def _hand_delta(path, w, a, b):
   return d
 
 
+# Jitted, as every use of the model is: run op by op, the adapted forward and its gradient took 3-4x as long
+# (each small op compiled on its own), most of this module's time.
+@functools.partial(jax.jit, static_argnums=0)
 def _logits(cfg, params, batch):
   return paligemma.forward(params, batch["image"], batch["text"], batch["mask_ar"], cfg=cfg)[0]
 
@@ -60,7 +64,7 @@ def test_a_fresh_adapter_changes_nothing_and_its_a_gets_no_gradient(model):
   assert all(np.all(np.asarray(x) == 0) for p, x in tree.flatten(ad).items() if p.endswith("/b"))
   np.testing.assert_array_equal(np.asarray(_logits(cfg, lora.apply(params, ad, alpha=8.0), batch)),
                                 np.asarray(_logits(cfg, params, batch)))
-  grads = jax.grad(lambda ad: train.loss_fn(lora.apply(params, ad, alpha=8.0), batch, cfg=cfg)[0])(ad)
+  grads = jax.jit(jax.grad(lambda ad: train.loss_fn(lora.apply(params, ad, alpha=8.0), batch, cfg=cfg)[0]))(ad)
   flat = tree.flatten(grads)
   # d loss / d a is (x^T g) b^T: zero while b is zero; b's gradient is not (PEFT's starting point)
   assert all(np.all(np.asarray(g) == 0) for p, g in flat.items() if p.endswith("/a"))
@@ -99,7 +103,7 @@ def test_adapted_forward_and_gradients_equal_the_merged_weights(model):
   def loss_merge(ad):
     return train.loss_fn(lora.merge(params, ad, alpha=4.0), batch, cfg=cfg)[0]
 
-  g1, g2 = jax.grad(loss_apply)(ad), jax.grad(loss_merge)(ad)
+  g1, g2 = jax.jit(jax.grad(loss_apply))(ad), jax.jit(jax.grad(loss_merge))(ad)
   # A gradient is a sum over every position of products as large as the largest gradient entry of its leaf
   assert_close_f32(g1, g2, ulps_of_max=256, what="adapter grads")
 

@@ -1,5 +1,7 @@
 """Semantics of the PaliGemma forward: the prefix-LM mask, what each position can see, dtypes, jit."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,9 +127,10 @@ def test_remat_gives_the_same_values_and_gradients(tiny):
   def f(p, c):
     return paligemma.forward(p, batch["image"], batch["text"], batch["mask_ar"], cfg=c)[0].sum()
 
-  g0 = jax.grad(f)(params, cfg)
+  grad = jax.jit(jax.grad(f), static_argnums=1)  # jitted as in training (op by op it took twice as long)
+  g0 = grad(params, cfg)
   for remat in ("full", "dots"):
-    g1 = jax.grad(f)(params, dataclasses.replace(cfg, remat=remat))
+    g1 = grad(params, dataclasses.replace(cfg, remat=remat))
     # Per leaf 64 eps32 * max|g| (+ a floor, below): the recomputed backward sums the same products in other
     # orders; seen: <= 5 eps32 * max|g| on AMD, 7 on Intel (1.26e-5 on a leaf of max 15), while a gradient off by
     # a factor 1 + 1e-4 is 840. The key bias's gradient is zero in exact math (it adds q.b to all of a query's
@@ -151,6 +154,7 @@ def test_out_start_gives_the_text_positions_values_and_gradients(tiny, remat):
   positions_BN = jnp.broadcast_to(jnp.arange(x_BND.shape[1]), x_BND.shape[:2])
   w = jax.random.normal(jax.random.key(3), (x_BND.shape[0], 10, cfg.llm.width))
 
+  @functools.partial(jax.jit, static_argnums=1)
   def run(llm, start):
     out, aux = gemma.forward(llm, x_BND, positions_BN, mask_BNN, cfg=cfg.llm, remat=remat, return_kv=True,
                              out_start=start)
@@ -163,7 +167,7 @@ def test_out_start_gives_the_text_positions_values_and_gradients(tiny, remat):
   assert_close_f32(cut, full, ulps_of_max=64)
   # The keys and values come from the same ops on the same inputs: at most a fusion's reordering, 16 eps32.
   assert_close_f32(kv_cut, kv_full, ulps_of_max=16)
-  grad = lambda start: jax.grad(lambda llm: (run(llm, start)[0] * w).sum())(params["llm"])
+  grad = lambda start: jax.jit(jax.grad(lambda llm: (run(llm, start)[0] * w).sum()))(params["llm"])
   # Per leaf 64 eps32 * max|g|: the backward of the same math with other shapes in the last layer.
   assert_close_f32(grad(P), grad(None), ulps_of_max=64)
   with pytest.raises(ValueError, match="return_attn"):
