@@ -237,9 +237,14 @@ def shape_mask(path: str) -> np.ndarray:
   The background is the corners' colour, the shape's the commonest colour far from it; the images'
   antialiased edge pixels lie between the two and go to the nearer one (half way along the line between)."""
   import PIL.Image
-  im = np.asarray(PIL.Image.open(path).convert("RGB"), np.float32)
+  rgb = np.asarray(PIL.Image.open(path).convert("RGB"))
+  im = rgb.astype(np.float32)
   bg = np.median(im[[0, 0, -1, -1], [0, -1, 0, -1]], axis=0)
-  colours, counts = np.unique(im.reshape(-1, 3), axis=0, return_counts=True)
+  # The colours as one integer each (r, g, b in base 256: sorted as the (r, g, b) rows are): np.unique over
+  # rows sorts them as records, 100x slower, most of the time the detection and segmentation demos took to set up.
+  packed = (rgb[..., 0].astype(np.int32) << 16 | rgb[..., 1].astype(np.int32) << 8 | rgb[..., 2]).ravel()
+  codes, counts = np.unique(packed, return_counts=True)
+  colours = np.stack([codes >> 16, codes >> 8 & 255, codes & 255], axis=1).astype(np.float32)
   far = np.linalg.norm(colours - bg, axis=1) > 40
   if not far.any():
     raise ValueError(f"{path}: no shape: every colour is within 40 of the background {bg}")
