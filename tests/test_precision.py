@@ -109,8 +109,17 @@ def _setup(name):
   return cfg, random_params(cfg, seed=len(name)), prefix_lm_batch(cfg, LENGTHS, SEQ_LEN)
 
 
+# Jitted, as training and decoding run the model (op by op these tests took twice as long).
+@functools.partial(jax.jit, static_argnames="cfg")
+def _jit_logits(params, batch, cfg):
+  return paligemma.forward(params, batch["image"], batch["text"], batch["mask_ar"], cfg=cfg)[0]
+
+
 def _logits(params, batch, cfg):
-  return np.asarray(paligemma.forward(params, batch["image"], batch["text"], batch["mask_ar"], cfg=cfg)[0])
+  return np.asarray(_jit_logits(params, batch, cfg=cfg))
+
+
+_loss_B = jax.jit(lambda params, batch, cfg: train.loss_fn(params, batch, cfg=cfg)[1], static_argnames="cfg")
 
 
 def _rel(a, b):
@@ -126,8 +135,8 @@ def test_bfloat16_logits_and_loss_are_within_bf16_rounding_of_float32(name):
   rel = _rel(lbf, l32)
   # Far above float32's noise (the compute dtype is in effect), within bf16's rounding.
   assert 1e3 * EPS32 < rel <= LOGITS_BOUND, rel
-  loss32 = np.asarray(train.loss_fn(params, batch, cfg=cfg)[1])
-  lossbf = np.asarray(train.loss_fn(params, batch, cfg=bf)[1])
+  loss32 = np.asarray(_loss_B(params, batch, cfg=cfg))
+  lossbf = np.asarray(_loss_B(params, batch, cfg=bf))
   assert np.max(np.abs(lossbf - loss32)) <= LOSS_BOUND * np.max(np.abs(loss32))
 
 
@@ -137,7 +146,7 @@ def test_bfloat16_gradients_point_where_float32_ones_do(name):
   trainable, frozen = train.split(params, frozen_dtype=jnp.float32)
 
   def grads(c):
-    g = jax.grad(lambda t: train.loss_fn(train.merge(t, frozen), batch, cfg=c)[0])(trainable)
+    g = jax.jit(jax.grad(lambda t: train.loss_fn(train.merge(t, frozen), batch, cfg=c)[0]))(trainable)
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
 
   g32, gbf = grads(cfg), grads(cfg.with_compute_dtype("bfloat16"))
